@@ -1,0 +1,94 @@
+"""The model's configuration, with the field names of the checkpoint's ``config.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+ACTIVATIONS = ("gelu", "relu")
+
+
+@dataclass
+class DistilBertConfig:
+    """Hyper-parameters of DistilBERT; the defaults are those of the published checkpoint
+    ``distilbert/distilbert-base-cased-distilled-squad``."""
+
+    vocab_size: int = 28996
+    dim: int = 768  # width of every hidden state
+    n_layers: int = 6
+    n_heads: int = 12
+    hidden_dim: int = 3072  # width of the feed-forward layer
+    max_position_embeddings: int = 512
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    qa_dropout: float = 0.1
+    activation: str = "gelu"  # "gelu" is the exact erf GELU
+    sinusoidal_pos_embds: bool = True  # only initialises a fresh model; a checkpoint's table wins
+    pad_token_id: int = 0
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid field."""
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"config: {name} must be a positive integer, got {value!r}")
+        if self.dim % self.n_heads != 0:
+            raise ValueError(
+                f"config: dim ({self.dim}) must be divisible by n_heads ({self.n_heads}) "
+                "so that every head has the same width"
+            )
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"config: unknown activation {self.activation!r}; expected one of {', '.join(ACTIVATIONS)}"
+            )
+        for name in ("dropout", "attention_dropout", "qa_dropout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"config: {name} must be a probability in [0, 1), got {value!r}")
+        if not isinstance(self.pad_token_id, int) or not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(
+                f"config: pad_token_id must be an id in [0, vocab_size={self.vocab_size}), "
+                f"got {self.pad_token_id!r}"
+            )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DistilBertConfig:
+        """Build from a ``config.json`` dictionary; keys this model does not use are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> DistilBertConfig:
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(values).__name__}")
+        try:
+            return cls.from_dict(values)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: {error}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``config.json`` content, with the fields transformers needs to load it too."""
+        return {
+            "architectures": ["DistilBertForQuestionAnswering"],
+            "model_type": "distilbert",
+            **asdict(self),
+        }
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")

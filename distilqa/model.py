@@ -1,0 +1,274 @@
+"""DistilBERT for extractive question answering, written out by hand.
+
+DistilBERT (Sanh et al. 2019, "DistilBERT, a distilled version of BERT") is BERT with half the
+layers and no token-type embeddings or pooler, trained by distillation. For question answering a
+linear head reads every token's final hidden state and scores it as the start and as the end of
+the answer span.
+
+    input_ids (batch, seq)
+      -> Embeddings: word + learned position, LayerNorm, dropout         (batch, seq, dim)
+      -> n_layers x TransformerBlock (post-LN):
+           x = LayerNorm(x + SelfAttention(x))                          (batch, seq, dim)
+           x = LayerNorm(x + FFN(x))                                    (batch, seq, dim)
+      -> dropout, qa_outputs: Linear(dim, 2)                            (batch, seq, 2)
+      -> start_logits, end_logits                                       (batch, seq) each
+
+Module names mirror the keys of the published checkpoint (``distilbert.transformer.layer.0.
+attention.q_lin.weight``, ...) so its weights load strictly, with no renaming.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distilqa.attention import AttentionFunction, eager_attention, resolve_attention
+from distilqa.config import DistilBertConfig
+
+
+@dataclass
+class QuestionAnsweringOutput:
+    start_logits: Tensor  # (batch, seq)
+    end_logits: Tensor  # (batch, seq)
+    loss: Tensor | None = None  # () mean of the start and end cross-entropies
+    hidden_states: tuple[Tensor, ...] | None = None  # n_layers + 1 of (batch, seq, dim), embeddings first
+    attentions: tuple[Tensor, ...] | None = None  # n_layers of (batch, heads, seq, seq)
+
+
+def sinusoidal_position_table(n_positions: int, dim: int) -> Tensor:
+    """The fixed table of "Attention is all you need": sin on even, cos on odd columns. (n_positions, dim)"""
+    position = torch.arange(n_positions, dtype=torch.float64)[:, None]  # (n_positions, 1)
+    frequency = 10000.0 ** (-2.0 * (torch.arange(dim) // 2) / dim)  # (dim,)
+    angle = position * frequency  # (n_positions, dim)
+    table = torch.where(torch.arange(dim) % 2 == 0, torch.sin(angle), torch.cos(angle))  # (n_positions, dim)
+    return table.float()
+
+
+class Embeddings(nn.Module):
+    """Token embedding plus learned absolute position embedding (DistilBERT has no token types)."""
+
+    def __init__(self, config: DistilBertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.dim, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.dim)
+        self.LayerNorm = nn.LayerNorm(config.dim, eps=1e-12)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        positions = torch.arange(input_ids.size(1), device=input_ids.device)  # (seq,)
+        words = self.word_embeddings(input_ids)  # (batch, seq, dim)
+        embeddings = words + self.position_embeddings(positions)  # (batch, seq, dim) + (seq, dim)
+        return self.dropout(self.LayerNorm(embeddings))  # (batch, seq, dim)
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """Project to queries, keys and values, attend per head, project back."""
+
+    def __init__(self, config: DistilBertConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        self.q_lin = nn.Linear(config.dim, config.dim)
+        self.k_lin = nn.Linear(config.dim, config.dim)
+        self.v_lin = nn.Linear(config.dim, config.dim)
+        self.out_lin = nn.Linear(config.dim, config.dim)
+        self.dropout_p = config.attention_dropout
+        self.attention_function: AttentionFunction = eager_attention  # swapped by set_attn_implementation
+
+    def forward(self, x: Tensor, key_mask: Tensor | None, need_weights: bool) -> tuple[Tensor, Tensor | None]:
+        batch, seq, dim = x.shape
+
+        def split_heads(t: Tensor) -> Tensor:  # (batch, seq, dim) -> (batch, heads, seq, head_dim)
+            return t.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+
+        query = split_heads(self.q_lin(x))  # (batch, heads, seq, head_dim)
+        key = split_heads(self.k_lin(x))  # (batch, heads, seq, head_dim)
+        value = split_heads(self.v_lin(x))  # (batch, heads, seq, head_dim)
+        # Attention maps always come from the written-out core: fused kernels do not return them.
+        attend = eager_attention if need_weights else self.attention_function
+        dropout_p = self.dropout_p if self.training else 0.0
+        context, weights = attend(query, key, value, key_mask, dropout_p, need_weights)
+        context = context.transpose(1, 2).reshape(batch, seq, dim)  # (batch, seq, dim): heads concatenated
+        return self.out_lin(context), weights  # (batch, seq, dim), (batch, heads, seq, seq) or None
+
+
+class FFN(nn.Module):
+    """Position-wise feed-forward: Linear(dim, hidden_dim), GELU or ReLU, Linear(hidden_dim, dim)."""
+
+    def __init__(self, config: DistilBertConfig):
+        super().__init__()
+        self.lin1 = nn.Linear(config.dim, config.hidden_dim)
+        self.lin2 = nn.Linear(config.hidden_dim, config.dim)
+        self.activation = F.gelu if config.activation == "gelu" else F.relu  # exact (erf) GELU
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = self.activation(self.lin1(x))  # (batch, seq, hidden_dim)
+        return self.dropout(self.lin2(hidden))  # (batch, seq, dim)
+
+
+class TransformerBlock(nn.Module):
+    """One post-LayerNorm encoder layer: residual then LayerNorm around each sub-layer."""
+
+    def __init__(self, config: DistilBertConfig):
+        super().__init__()
+        self.attention = MultiHeadSelfAttention(config)
+        self.sa_layer_norm = nn.LayerNorm(config.dim, eps=1e-12)
+        self.ffn = FFN(config)
+        self.output_layer_norm = nn.LayerNorm(config.dim, eps=1e-12)
+
+    def forward(self, x: Tensor, key_mask: Tensor | None, need_weights: bool) -> tuple[Tensor, Tensor | None]:
+        attended, weights = self.attention(x, key_mask, need_weights)  # (batch, seq, dim)
+        x = self.sa_layer_norm(attended + x)  # (batch, seq, dim)
+        x = self.output_layer_norm(self.ffn(x) + x)  # (batch, seq, dim)
+        return x, weights
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: DistilBertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+
+
+class DistilBertModel(nn.Module):
+    """The encoder: embeddings and the stack of blocks."""
+
+    def __init__(self, config: DistilBertConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.transformer = Transformer(config)
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None, output_hidden_states: bool, output_attentions: bool
+    ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """Returns the last hidden state (batch, seq, dim), and the per-layer hidden states and
+        attention maps that were asked for (empty tuples otherwise)."""
+        key_mask = None
+        if attention_mask is not None:
+            key_mask = attention_mask.bool()[:, None, None, :]  # (batch, 1, 1, seq): broadcast over heads, queries
+        x = self.embeddings(input_ids)  # (batch, seq, dim)
+        hidden_states, attentions = [x] if output_hidden_states else [], []
+        for block in self.transformer.layer:
+            x, weights = block(x, key_mask, output_attentions)  # (batch, seq, dim)
+            if output_hidden_states:
+                hidden_states.append(x)
+            if output_attentions:
+                attentions.append(weights)
+        return x, tuple(hidden_states), tuple(attentions)
+
+
+class DistilBertForQuestionAnswering(nn.Module):
+    """DistilBERT with the span head: a start and an end logit for every token."""
+
+    def __init__(self, config: DistilBertConfig | None = None, attn_implementation: str | AttentionFunction = "sdpa"):
+        super().__init__()
+        self.config = config = config or DistilBertConfig()
+        self.distilbert = DistilBertModel(config)
+        self.dropout = nn.Dropout(config.qa_dropout)
+        self.qa_outputs = nn.Linear(config.dim, 2)
+        self.set_attn_implementation(attn_implementation)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """BERT's initialisation, for a model that is not loaded from a checkpoint."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+        if isinstance(module, nn.Linear):
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            nn.init.zeros_(module.weight[module.padding_idx])
+        if isinstance(module, Embeddings) and self.config.sinusoidal_pos_embds:
+            table = sinusoidal_position_table(self.config.max_position_embeddings, self.config.dim)
+            module.position_embeddings.weight.data.copy_(table)
+
+    def set_attn_implementation(self, implementation: str | AttentionFunction) -> None:
+        """Swap the attention core of every layer: ``"eager"``, ``"sdpa"`` or an attention function."""
+        function = resolve_attention(implementation)
+        self.attn_implementation = implementation if isinstance(implementation, str) else function.__name__
+        for block in self.distilbert.transformer.layer:
+            block.attention.attention_function = function
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        start_positions: Tensor | None = None,
+        end_positions: Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> QuestionAnsweringOutput:
+        """input_ids (batch, seq) token ids; attention_mask (batch, seq), 1 for tokens and 0 for padding;
+        start_positions / end_positions (batch,) gold token indices, to get the training loss."""
+        self._check_inputs(input_ids, attention_mask)
+        x, hidden_states, attentions = self.distilbert(
+            input_ids, attention_mask, output_hidden_states, output_attentions
+        )  # (batch, seq, dim)
+        logits = self.qa_outputs(self.dropout(x))  # (batch, seq, 2)
+        start_logits, end_logits = logits.unbind(dim=-1)  # (batch, seq) each
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = span_loss(start_logits, end_logits, start_positions, end_positions)
+        return QuestionAnsweringOutput(
+            start_logits=start_logits.contiguous(),
+            end_logits=end_logits.contiguous(),
+            loss=loss,
+            hidden_states=hidden_states or None,
+            attentions=attentions or None,
+        )
+
+    def _check_inputs(self, input_ids: Tensor, attention_mask: Tensor | None) -> None:
+        if input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+            raise ValueError(f"input_ids must be an integer tensor (batch, seq), got {input_ids.dtype} {tuple(input_ids.shape)}")
+        if input_ids.size(1) > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {input_ids.size(1)} tokens is longer than the model's "
+                f"{self.config.max_position_embeddings} positions; split it into windows"
+            )
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
+            )
+
+    @property
+    def device(self) -> torch.device:
+        return self.qa_outputs.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.qa_outputs.weight.dtype
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        revision: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        attn_implementation: str | AttentionFunction = "sdpa",
+    ) -> DistilBertForQuestionAnswering:
+        """Load a checkpoint folder (config.json + safetensors) or a hub repo id, in eval mode."""
+        from distilqa.weights import load_pretrained
+
+        return load_pretrained(cls, name_or_path, revision, device, dtype, attn_implementation)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write config.json and model.safetensors with the published key names."""
+        from distilqa.weights import save_pretrained
+
+        save_pretrained(self, directory)
+
+
+def span_loss(start_logits: Tensor, end_logits: Tensor, start_positions: Tensor, end_positions: Tensor) -> Tensor:
+    """Mean of the start and end cross-entropies. A gold position outside the sequence (e.g. an answer
+    cut off by windowing) is clamped to ``seq`` and ignored, as in the reference."""
+    seq = start_logits.size(1)
+    start_positions = start_positions.reshape(-1).clamp(0, seq)  # (batch,)
+    end_positions = end_positions.reshape(-1).clamp(0, seq)  # (batch,)
+    start_loss = F.cross_entropy(start_logits, start_positions, ignore_index=seq)  # ()
+    end_loss = F.cross_entropy(end_logits, end_positions, ignore_index=seq)  # ()
+    return (start_loss + end_loss) / 2
+

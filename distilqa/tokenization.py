@@ -1,0 +1,114 @@
+"""BERT WordPiece tokenization of (question, context) pairs into overlapping windows.
+
+Uses the ``tokenizers`` library, the same Rust code behind transformers' fast tokenizers, so the
+windows, offsets and word ids are exactly those the transformers pipeline saw.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Encoding, Tokenizer, decoders
+from tokenizers.models import WordPiece
+from tokenizers.normalizers import BertNormalizer
+from tokenizers.pre_tokenizers import BertPreTokenizer
+from tokenizers.processors import TemplateProcessing
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def build_wordpiece_tokenizer(vocab_file: str | os.PathLike, lowercase: bool = False) -> Tokenizer:
+    """The BERT tokenizer for a ``vocab.txt`` (one token a line, id = line number), built as
+    transformers builds ``BertTokenizerFast`` from the same file."""
+    lines = Path(vocab_file).read_text(encoding="utf-8").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the final newline ends the last token, it starts no new one
+    vocab = {token: index for index, token in enumerate(lines)}
+    if missing := [token for token in SPECIAL_TOKENS if token not in vocab]:
+        raise ValueError(f"{vocab_file} lacks the special token(s) {', '.join(missing)}")
+    tokenizer = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tokenizer.normalizer = BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
+    )
+    tokenizer.pre_tokenizer = BertPreTokenizer()
+    tokenizer.post_processor = TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    return tokenizer
+
+
+@dataclass
+class QuestionContextTokenizer:
+    """Splits (question, context) pairs into model windows: ``[CLS] question [SEP] context [SEP]``.
+
+    Only the context is cut; consecutive windows of one context share ``doc_stride`` tokens, which
+    is the meaning of ``stride`` in tokenizers and in the transformers pipeline.
+    """
+
+    tokenizer: Tokenizer
+    model_max_length: int = 512
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> QuestionContextTokenizer:
+        """Load ``tokenizer.json``, or build the tokenizer from ``vocab.txt`` and
+        ``tokenizer_config.json`` (``do_lower_case``, default true as in BERT)."""
+        directory = Path(directory)
+        config_path = directory / "tokenizer_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
+        if (directory / "tokenizer.json").exists():
+            tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        elif (directory / "vocab.txt").exists():
+            tokenizer = build_wordpiece_tokenizer(directory / "vocab.txt", config.get("do_lower_case", True))
+        else:
+            raise FileNotFoundError(
+                f"{directory} has no tokenizer: it needs tokenizer.json, or vocab.txt (+ tokenizer_config.json)"
+            )
+        return cls(tokenizer, int(config.get("model_max_length", 512)))
+
+    @property
+    def cls_token_id(self) -> int:
+        return self.tokenizer.token_to_id("[CLS]")
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.token_to_id("[PAD]")
+
+    def encode_windows(
+        self, questions: Sequence[str], contexts: Sequence[str], max_seq_len: int, doc_stride: int
+    ) -> list[list[Encoding]]:
+        """For each pair, its windows in context order. Each ``Encoding`` keeps ids, character
+        offsets, sequence ids (0 question, 1 context) and word ids of every token."""
+        self._check_room_for_context(questions, contexts, max_seq_len, doc_stride)
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(max_seq_len, stride=doc_stride, strategy="only_second")
+        encodings = self.tokenizer.encode_batch(list(zip(questions, contexts)))
+        return [[encoding, *encoding.overflowing] for encoding in encodings]
+
+    def _check_room_for_context(
+        self, questions: Sequence[str], contexts: Sequence[str], max_seq_len: int, doc_stride: int
+    ) -> None:
+        """Raise ``ValueError`` for a pair whose context must be cut into windows but whose question
+        leaves no more than ``doc_stride`` context tokens per window (tokenizers would panic)."""
+        # A token covers at least one character, so a question shorter than this always leaves room.
+        risky = [i for i, question in enumerate(questions) if len(question) + 3 + doc_stride >= max_seq_len]
+        if not risky:
+            return
+        self.tokenizer.no_truncation()
+        for i in risky:
+            question_tokens = len(self.tokenizer.encode(questions[i], add_special_tokens=False).ids)
+            room = max(max_seq_len - question_tokens - 3, 0)  # [CLS] question [SEP] context [SEP]
+            if room > doc_stride or len(self.tokenizer.encode(questions[i], contexts[i]).ids) <= max_seq_len:
+                continue
+            raise ValueError(
+                f"question {i} has {question_tokens} tokens, which leaves {room} context tokens per window of "
+                f"max_seq_len={max_seq_len}, but its context needs several windows that overlap by "
+                f"doc_stride={doc_stride} tokens: shorten the question, or raise max_seq_len / lower doc_stride"
+            )

@@ -1,0 +1,121 @@
+"""Shared fixtures: checkpoints built by transformers itself (random weights), and tokenizer files.
+
+The real checkpoint cannot be downloaded here, so the reference model is transformers'
+``DistilBertForQuestionAnswering`` with random weights at the published configuration, saved
+with safetensors. The real cased vocabulary (../shared/data) is used when present; otherwise a
+WordPiece vocabulary trained at test time, so a fresh clone still runs every parity test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+VOCAB_FILE = SHARED_DATA / "vocab" / "bert-base-cased-vocab.txt"
+SQUAD_FILE = SHARED_DATA / "squad" / "dev-v1.1.json.zip"
+PROJECT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "distilbert" / "distilbert-base-cased-distilled-squad"
+
+# The configuration of distilbert/distilbert-base-cased-distilled-squad.
+PUBLISHED_CONFIG = dict(
+    vocab_size=28996,
+    dim=768,
+    n_layers=6,
+    n_heads=12,
+    hidden_dim=3072,
+    max_position_embeddings=512,
+    sinusoidal_pos_embds=True,
+    activation="gelu",
+)
+
+
+def build_reference_model(seed: int = 0, **overrides):
+    """transformers' DistilBertForQuestionAnswering with random weights, in eval mode."""
+    import torch
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    config = transformers.DistilBertConfig(**{**PUBLISHED_CONFIG, **overrides})
+    return transformers.DistilBertForQuestionAnswering(config).eval()
+
+
+def save_reference_checkpoint(directory: Path, seed: int = 0, **overrides) -> Path:
+    """Save a random reference model with safetensors into ``directory`` (config.json + model.safetensors)."""
+    build_reference_model(seed, **overrides).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def fallback_corpus(n_sentences: int = 3000) -> list[str]:
+    """Deterministic English-like sentences to train a vocabulary when the real one is absent."""
+    words = (
+        "the of and to in a is was for on as with by he it at from his an were are which this be "
+        "or has had not first one their its new after who they have her she two been other when "
+        "there all during into school time may years more most only over city some world would "
+        "where later up such used many can state about national out known university united then "
+        "made through also century government between american before while war north south river "
+        "called three since team year part de however being well these people against both family "
+        "Paris London Denver Broncos Super Bowl Normandy Victoria Warsaw Amazon forest Tesla "
+        "energy water force oxygen computer science economic inequality Newcastle Harvard Luther"
+    ).split()
+    rng = random.Random(0)
+    sentences = []
+    for _ in range(n_sentences):
+        sentence = " ".join(rng.choice(words) for _ in range(rng.randint(5, 20)))
+        sentences.append(sentence.capitalize() + rng.choice([".", "?", "!", ", 1998.", " (2010)."]))
+    return sentences
+
+
+def write_vocab(path: Path) -> Path:
+    """The real cased vocabulary when present, else one trained on :func:`fallback_corpus`."""
+    if VOCAB_FILE.exists():
+        path.write_bytes(VOCAB_FILE.read_bytes())
+        return path
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordPiece
+    from tokenizers.normalizers import BertNormalizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+    from tokenizers.trainers import WordPieceTrainer
+
+    from distilqa.tokenization import SPECIAL_TOKENS
+
+    tokenizer = Tokenizer(WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = BertNormalizer(lowercase=False, strip_accents=None)
+    tokenizer.pre_tokenizer = BertPreTokenizer()
+    trainer = WordPieceTrainer(vocab_size=3000, special_tokens=list(SPECIAL_TOKENS))
+    tokenizer.train_from_iterator(fallback_corpus(), trainer)
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    path.write_text("".join(token + "\n" for token, _ in vocab), encoding="utf-8")
+    return path
+
+
+def write_tokenizer_files(directory: Path) -> Path:
+    """vocab.txt, tokenizer_config.json (cased) and tokenizer.json, as the published checkpoint has."""
+    from distilqa.tokenization import build_wordpiece_tokenizer
+
+    vocab = write_vocab(directory / "vocab.txt")
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"do_lower_case": False, "model_max_length": 512, "tokenizer_class": "BertTokenizer"}),
+        encoding="utf-8",
+    )
+    build_wordpiece_tokenizer(vocab, lowercase=False).save(str(directory / "tokenizer.json"))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def published_checkpoint(tmp_path_factory) -> Path:
+    """A random checkpoint at the published configuration saved by transformers, plus tokenizer files:
+    config.json, model.safetensors, vocab.txt, tokenizer_config.json, tokenizer.json."""
+    return write_tokenizer_files(save_reference_checkpoint(tmp_path_factory.mktemp("published")))
+
+
+@pytest.fixture(scope="session")
+def real_vocab_used() -> bool:
+    return VOCAB_FILE.exists()
