@@ -345,3 +345,10 @@ def write_predictions(predictions: Mapping[str, str], path: str | os.PathLike[st
     with open(path, "w", encoding="utf-8") as file:
         json.dump(dict(predictions), file, ensure_ascii=False, indent=1)
         file.write("\n")
+
+
+def predict(answerer: Any, questions: Sequence[SquadQuestion], progress: bool = False) -> dict[str, str]:
+    """Predictions ``{id: answer text}`` of a :class:`distilqa.pipeline.QuestionAnswerer` (or any
+    callable with its signature), in the official predictions format."""
+    answers = answerer([q.question for q in questions], [q.context for q in questions], progress=progress)
+    return {q.id: answer["answer"] for q, answer in zip(questions, answers)}

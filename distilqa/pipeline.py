@@ -1,0 +1,302 @@
+"""Extractive question answering: (question, context) -> answer span, score and character offsets.
+
+Answer for answer the same as the transformers question-answering pipeline (releases <= 5.2) for
+the same weights and tokenizer, but batched: windows of many questions are sorted by length,
+padded per batch, run under ``torch.inference_mode()``, and decoded with tensor code.
+
+How an answer is chosen (as in the reference):
+1. Each context is cut into windows ``[CLS] question [SEP] context-part [SEP]`` overlapping by
+   ``doc_stride`` tokens.
+2. In each window, start and end logits of tokens that cannot be part of an answer (question,
+   special tokens, padding) are set to -10000; a softmax turns each into probabilities. The CLS
+   token stays, and ``p_start[CLS] * p_end[CLS]`` is the window's "no answer" score.
+3. A span (s, e) scores ``p_start[s] * p_end[e]`` for ``s <= e < s + max_answer_len``; the best
+   ``2 * top_k + 10`` spans per window (``top_k`` without word alignment) become candidates.
+4. Each candidate maps to characters of the context, widened to whole words with
+   ``align_to_words``. Candidates whose text is equal (ignoring case) are merged and their scores
+   SUMMED, across windows too, keeping the first one's offsets. This is the reference's behaviour,
+   kept deliberately so answers match it; see the README.
+5. The ``top_k`` best remain; with ``handle_impossible_answer`` the lowest "no answer" score over
+   the windows competes as ``{"answer": "", "start": 0, "end": 0}``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Encoding
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from distilqa.model import DistilBertForQuestionAnswering
+from distilqa.tokenization import QuestionContextTokenizer
+from distilqa.weights import DEFAULT_REPO_ID, resolve_checkpoint
+
+Answer = dict  # {"score": float, "start": int, "end": int, "answer": str}
+EXCLUDED_LOGIT = -10000.0  # the reference's value for tokens that cannot be in an answer
+PAIRS_PER_CHUNK = 1024  # pairs tokenized and decoded together; bounds memory on long inputs
+
+
+@dataclass
+class Window:
+    """One model input: a part of one pair's context. ``pair`` indexes the caller's pairs."""
+
+    pair: int
+    encoding: Encoding
+
+
+class QuestionAnswerer:
+    """Answers questions about contexts with a DistilBERT question-answering model.
+
+    >>> qa = QuestionAnswerer.from_pretrained("weights/distilbert/distilbert-base-cased-distilled-squad")
+    >>> qa(question="Where was HuggingFace founded ?", context="HuggingFace was founded in Paris.")
+    {'score': ..., 'start': 27, 'end': 32, 'answer': 'Paris'}
+    """
+
+    def __init__(
+        self, model: DistilBertForQuestionAnswering, tokenizer: QuestionContextTokenizer, batch_size: int = 32
+    ):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike = DEFAULT_REPO_ID,
+        revision: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        batch_size: int = 32,
+        attn_implementation: str = "sdpa",
+    ) -> QuestionAnswerer:
+        """Load model and tokenizer from a checkpoint folder or hub repo id (downloaded into weights/)."""
+        directory = resolve_checkpoint(name_or_path, revision)
+        model = DistilBertForQuestionAnswering.from_pretrained(
+            directory, device=device, dtype=dtype, attn_implementation=attn_implementation
+        )
+        return cls(model, QuestionContextTokenizer.from_pretrained(directory), batch_size)
+
+    def __call__(
+        self,
+        question: str | Sequence[str],
+        context: str | Sequence[str],
+        top_k: int = 1,
+        max_answer_len: int = 15,
+        max_seq_len: int | None = None,
+        doc_stride: int | None = None,
+        handle_impossible_answer: bool = False,
+        align_to_words: bool = True,
+        progress: bool = False,
+    ) -> Answer | list[Answer] | list[Answer | list[Answer]]:
+        """Answer one pair (``question`` and ``context`` strings) or many (lists of equal length, or a
+        list of questions about one context string).
+
+        Returns an answer dict ``{"score", "start", "end", "answer"}`` per pair, or a list of the
+        ``top_k`` best when ``top_k > 1``; a list of those when given lists. ``answer ==
+        context[start:end]`` always. ``max_seq_len`` defaults to min(384, the tokenizer's
+        model_max_length) and ``doc_stride`` to min(128, max_seq_len // 2), as in the reference.
+        """
+        questions, contexts, single = _pairs(question, context)
+        max_seq_len = min(384, self.tokenizer.model_max_length) if max_seq_len is None else max_seq_len
+        doc_stride = min(128, max_seq_len // 2) if doc_stride is None else doc_stride
+        self._check_options(top_k, max_answer_len, max_seq_len, doc_stride)
+        candidates_per_window = 2 * top_k + 10 if align_to_words else top_k
+
+        results: list[Answer | list[Answer]] = []
+        bar = tqdm(total=len(questions), unit="question", disable=not progress, dynamic_ncols=True)
+        for chunk in range(0, len(questions), PAIRS_PER_CHUNK):
+            chunk_questions = questions[chunk : chunk + PAIRS_PER_CHUNK]
+            chunk_contexts = contexts[chunk : chunk + PAIRS_PER_CHUNK]
+            windows = self._windows(chunk_questions, chunk_contexts, max_seq_len, doc_stride, offset=chunk)
+            candidates: list[list[tuple[float, int, int]]] = [[] for _ in chunk_questions]
+            null_scores = [float("inf")] * len(chunk_questions)
+            for batch in self._batches(windows):
+                start_logits, end_logits, allowed = self._run(batch)
+                spans = decode_spans(start_logits, end_logits, allowed, max_answer_len, candidates_per_window)
+                for window, (window_spans, null_score) in zip(batch, spans):
+                    pair = window.pair - chunk
+                    null_scores[pair] = min(null_scores[pair], null_score)
+                    candidates[pair].extend(
+                        (score, *_characters(window.encoding, s, e, align_to_words))
+                        for score, s, e in window_spans
+                    )
+            for pair, context_text in enumerate(chunk_contexts):
+                null = null_scores[pair] if handle_impossible_answer else None
+                answers = merge_answers(context_text, candidates[pair], null, top_k)
+                results.append(answers[0] if top_k == 1 else answers)
+            bar.update(len(chunk_questions))
+        bar.close()
+        return results[0] if single else results
+
+    @staticmethod
+    def _check_options(top_k: int, max_answer_len: int, max_seq_len: int, doc_stride: int) -> None:
+        for name, value, low in (
+            ("top_k", top_k, 1),
+            ("max_answer_len", max_answer_len, 1),
+            ("doc_stride", doc_stride, 0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 4:
+            raise ValueError(f"max_seq_len must be an integer >= 4, got {max_seq_len!r}")
+        if doc_stride >= max_seq_len - 3:
+            raise ValueError(
+                f"doc_stride ({doc_stride}) must be smaller than max_seq_len - 3 ({max_seq_len - 3})"
+            )
+
+    def _windows(
+        self, questions: list[str], contexts: list[str], max_seq_len: int, doc_stride: int, offset: int
+    ) -> list[Window]:
+        """Tokenize pairs into windows, longest first (pairs stay identifiable through ``Window.pair``)."""
+        if max_seq_len > self.model.config.max_position_embeddings:
+            raise ValueError(
+                f"max_seq_len ({max_seq_len}) exceeds the model's {self.model.config.max_position_embeddings} positions"
+            )
+        per_pair = self.tokenizer.encode_windows(questions, contexts, max_seq_len, doc_stride)
+        windows = []
+        for pair, encodings in enumerate(per_pair):
+            if 1 not in encodings[0].sequence_ids:
+                raise ValueError(
+                    f"context {offset + pair} has no tokens (only whitespace or control characters?)"
+                )
+            if 0 not in encodings[0].sequence_ids:
+                raise ValueError(
+                    f"question {offset + pair} has no tokens (only whitespace or control characters?)"
+                )
+            windows.extend(Window(offset + pair, encoding) for encoding in encodings)
+        # Sorting by length makes each padded batch nearly rectangular; Python's sort is stable, so
+        # the windows of one pair keep their context order, which merging relies on.
+        return sorted(windows, key=lambda window: -len(window.encoding.ids))
+
+    def _batches(self, windows: list[Window]) -> Iterator[list[Window]]:
+        for start in range(0, len(windows), self.batch_size):
+            yield windows[start : start + self.batch_size]
+
+    @torch.inference_mode()
+    def _run(self, batch: list[Window]) -> tuple[Tensor, Tensor, Tensor]:
+        """Logits (batch, seq) in float32, and which tokens may be part of an answer (batch, seq)."""
+        longest = len(batch[0].encoding.ids)
+        pad, cls = self.tokenizer.pad_token_id, self.tokenizer.cls_token_id
+        ids = torch.tensor(
+            [w.encoding.ids + [pad] * (longest - len(w.encoding.ids)) for w in batch]
+        )  # (batch, seq)
+        real = torch.tensor(
+            [[1] * len(w.encoding.ids) + [0] * (longest - len(w.encoding.ids)) for w in batch]
+        )
+        context = torch.tensor(
+            [
+                [sid == 1 for sid in w.encoding.sequence_ids] + [False] * (longest - len(w.encoding.ids))
+                for w in batch
+            ]
+        )  # (batch, seq)
+        # Padding work is skipped entirely when every window of the batch has the same length.
+        mask = None if bool(real.all()) else real.to(self.model.device)
+        output = self.model(ids.to(self.model.device), mask)
+        allowed = context | (ids == cls)  # the reference keeps every CLS token, for "no answer"
+        return output.start_logits.float().cpu(), output.end_logits.float().cpu(), allowed
+
+
+def decode_spans(
+    start_logits: Tensor, end_logits: Tensor, allowed: Tensor, max_answer_len: int, k: int
+) -> list[tuple[list[tuple[float, int, int]], float]]:
+    """The best spans of each window, by p_start[s] * p_end[e] with s <= e < s + max_answer_len.
+
+    start_logits, end_logits: (windows, seq) float32; allowed: (windows, seq) bool.
+    Returns per window ``([(score, s, e), ...] best first, no_answer_score)``; spans of probability
+    0 (touching a token outside the context) are never returned.
+    """
+    windows, seq = start_logits.shape
+    p_start = F.softmax(start_logits.masked_fill(~allowed, EXCLUDED_LOGIT), dim=-1)  # (windows, seq)
+    p_end = F.softmax(end_logits.masked_fill(~allowed, EXCLUDED_LOGIT), dim=-1)  # (windows, seq)
+    null_scores = (p_start[:, 0] * p_end[:, 0]).tolist()  # (windows,): the CLS token's span
+    p_start[:, 0] = 0.0  # CLS is "no answer", never the start or end of one
+    p_end[:, 0] = 0.0
+    lengths = min(max_answer_len, seq)
+    # p_end_ahead[w, s, d] = p_end[w, s + d]: the end probability d tokens after each start.
+    p_end_ahead = F.pad(p_end, (0, lengths - 1)).unfold(1, lengths, 1)  # (windows, seq, lengths)
+    scores = (p_start[:, :, None] * p_end_ahead).reshape(windows, seq * lengths)  # (windows, seq * lengths)
+    k = min(k, seq * lengths)
+    # A stable sort keeps ties in (start, end) order, as the reference's argmax does.
+    best_scores, best = torch.sort(scores, dim=-1, descending=True, stable=True)  # (windows, seq * lengths)
+    best_scores, best = best_scores[:, :k].tolist(), best[:, :k].tolist()  # (windows, k)
+    return [
+        (
+            [
+                (score, i // lengths, i // lengths + i % lengths)
+                for score, i in zip(row_scores, row)
+                if score > 0.0
+            ],
+            null,
+        )
+        for row_scores, row, null in zip(best_scores, best, null_scores)
+    ]
+
+
+def _characters(encoding: Encoding, start: int, end: int, align_to_words: bool) -> tuple[int, int]:
+    """Character span in the context of tokens start..end, widened to whole words if asked."""
+    if align_to_words:
+        try:
+            first_word, last_word = encoding.token_to_word(start), encoding.token_to_word(end)
+            return (encoding.word_to_chars(first_word, 1)[0], encoding.word_to_chars(last_word, 1)[1])
+        except Exception:  # a special token inside the context has no word: keep token offsets
+            pass
+    return encoding.offsets[start][0], encoding.offsets[end][1]
+
+
+def merge_answers(
+    context: str, candidates: list[tuple[float, int, int]], null_score: float | None, top_k: int
+) -> list[Answer]:
+    """Merge candidates of equal text (case-insensitive), summing their scores, and keep the top_k.
+    ``candidates`` must be in window order, best first within a window, as the reference merges."""
+    answers: dict[str, Answer] = {}
+    for score, start, end in candidates:
+        text = context[start:end]
+        if (merged := answers.get(text.lower())) is not None:
+            merged["score"] += score
+        else:
+            answers[text.lower()] = {"score": score, "start": start, "end": end, "answer": text}
+    ranked = list(answers.values())
+    if null_score is not None:
+        ranked.append({"score": null_score, "start": 0, "end": 0, "answer": ""})
+    if not ranked:  # every span had probability 0: only possible for degenerate windows
+        ranked.append({"score": 0.0, "start": 0, "end": 0, "answer": ""})
+    return sorted(ranked, key=lambda answer: answer["score"], reverse=True)[:top_k]
+
+
+def _pairs(question: str | Sequence[str], context: str | Sequence[str]) -> tuple[list[str], list[str], bool]:
+    """Validate the inputs; returns (questions, contexts, whether a single pair was given)."""
+    single = isinstance(question, str) and isinstance(context, str)
+    if isinstance(question, str):
+        if not isinstance(context, str):
+            raise TypeError("with one question string, context must be one string too")
+        questions, contexts = [question], [context]
+    elif isinstance(question, Sequence):
+        questions = list(question)
+        if isinstance(context, str):
+            contexts = [context] * len(questions)  # several questions about one context
+        elif isinstance(context, Sequence):
+            contexts = list(context)
+            if len(questions) != len(contexts):
+                raise ValueError(
+                    f"got {len(questions)} questions but {len(contexts)} contexts; they pair up one to one"
+                )
+        else:
+            raise TypeError(f"context must be a string or a list of strings, got {type(context).__name__}")
+    else:
+        raise TypeError(f"question must be a string or a list of strings, got {type(question).__name__}")
+    if not questions:
+        raise ValueError("no questions given")
+    for name, texts in (("question", questions), ("context", contexts)):
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"{name} {i} must be a string, got {type(text).__name__}")
+            if not text.strip():
+                raise ValueError(f"{name} {i} is empty or only whitespace")
+    return questions, contexts, single
