@@ -2,12 +2,14 @@
 
 from distilqa.config import DistilBertConfig
 from distilqa.model import DistilBertForQuestionAnswering, QuestionAnsweringOutput
+from distilqa.pipeline import QuestionAnswerer
 from distilqa.weights import CheckpointError, WeightsNotFoundError
 
 __all__ = [
     "CheckpointError",
     "DistilBertConfig",
     "DistilBertForQuestionAnswering",
+    "QuestionAnswerer",
     "QuestionAnsweringOutput",
     "WeightsNotFoundError",
 ]

@@ -54,12 +54,15 @@ class DistilBertConfig:
             )
         for name in ("dropout", "attention_dropout", "qa_dropout"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"config: {name} must be a probability in [0, 1), got {value!r}")
-        if not isinstance(self.pad_token_id, int) or not 0 <= self.pad_token_id < self.vocab_size:
+        if (
+            isinstance(self.pad_token_id, bool)
+            or not isinstance(self.pad_token_id, int)
+            or not 0 <= self.pad_token_id < self.vocab_size
+        ):
             raise ValueError(
-                f"config: pad_token_id must be an id in [0, vocab_size={self.vocab_size}), "
-                f"got {self.pad_token_id!r}"
+                f"config: pad_token_id must be an id in [0, vocab_size={self.vocab_size}), got {self.pad_token_id!r}"
             )
 
     @classmethod

@@ -42,7 +42,7 @@ class QuestionAnsweringOutput:
 def sinusoidal_position_table(n_positions: int, dim: int) -> Tensor:
     """The fixed table of "Attention is all you need": sin on even, cos on odd columns. (n_positions, dim)"""
     position = torch.arange(n_positions, dtype=torch.float64)[:, None]  # (n_positions, 1)
-    frequency = 10000.0 ** (-2.0 * (torch.arange(dim) // 2) / dim)  # (dim,)
+    frequency = 10000.0 ** (-2.0 * (torch.arange(dim, dtype=torch.float64) // 2) / dim)  # (dim,)
     angle = position * frequency  # (n_positions, dim)
     table = torch.where(torch.arange(dim) % 2 == 0, torch.sin(angle), torch.cos(angle))  # (n_positions, dim)
     return table.float()
@@ -143,7 +143,11 @@ class DistilBertModel(nn.Module):
         self.transformer = Transformer(config)
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None, output_hidden_states: bool, output_attentions: bool
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        output_hidden_states: bool,
+        output_attentions: bool,
     ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
         """Returns the last hidden state (batch, seq, dim), and the per-layer hidden states and
         attention maps that were asked for (empty tuples otherwise)."""
@@ -222,7 +226,9 @@ class DistilBertForQuestionAnswering(nn.Module):
 
     def _check_inputs(self, input_ids: Tensor, attention_mask: Tensor | None) -> None:
         if input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
-            raise ValueError(f"input_ids must be an integer tensor (batch, seq), got {input_ids.dtype} {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"input_ids must be an integer tensor (batch, seq), got {input_ids.dtype} {tuple(input_ids.shape)}"
+            )
         if input_ids.size(1) > self.config.max_position_embeddings:
             raise ValueError(
                 f"sequence of {input_ids.size(1)} tokens is longer than the model's "
@@ -271,4 +277,3 @@ def span_loss(start_logits: Tensor, end_logits: Tensor, start_positions: Tensor,
     start_loss = F.cross_entropy(start_logits, start_positions, ignore_index=seq)  # ()
     end_loss = F.cross_entropy(end_logits, end_positions, ignore_index=seq)  # ()
     return (start_loss + end_loss) / 2
-

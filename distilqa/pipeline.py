@@ -124,8 +124,7 @@ class QuestionAnswerer:
                     pair = window.pair - chunk
                     null_scores[pair] = min(null_scores[pair], null_score)
                     candidates[pair].extend(
-                        (score, *_characters(window.encoding, s, e, align_to_words))
-                        for score, s, e in window_spans
+                        (score, *_characters(window.encoding, s, e, align_to_words)) for score, s, e in window_spans
                     )
             for pair, context_text in enumerate(chunk_contexts):
                 null = null_scores[pair] if handle_impossible_answer else None
@@ -147,9 +146,7 @@ class QuestionAnswerer:
         if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 4:
             raise ValueError(f"max_seq_len must be an integer >= 4, got {max_seq_len!r}")
         if doc_stride >= max_seq_len - 3:
-            raise ValueError(
-                f"doc_stride ({doc_stride}) must be smaller than max_seq_len - 3 ({max_seq_len - 3})"
-            )
+            raise ValueError(f"doc_stride ({doc_stride}) must be smaller than max_seq_len - 3 ({max_seq_len - 3})")
 
     def _windows(
         self, questions: list[str], contexts: list[str], max_seq_len: int, doc_stride: int, offset: int
@@ -159,17 +156,13 @@ class QuestionAnswerer:
             raise ValueError(
                 f"max_seq_len ({max_seq_len}) exceeds the model's {self.model.config.max_position_embeddings} positions"
             )
-        per_pair = self.tokenizer.encode_windows(questions, contexts, max_seq_len, doc_stride)
+        per_pair = self.tokenizer.encode_windows(questions, contexts, max_seq_len, doc_stride, first_index=offset)
         windows = []
         for pair, encodings in enumerate(per_pair):
             if 1 not in encodings[0].sequence_ids:
-                raise ValueError(
-                    f"context {offset + pair} has no tokens (only whitespace or control characters?)"
-                )
+                raise ValueError(f"context {offset + pair} has no tokens (only whitespace or control characters?)")
             if 0 not in encodings[0].sequence_ids:
-                raise ValueError(
-                    f"question {offset + pair} has no tokens (only whitespace or control characters?)"
-                )
+                raise ValueError(f"question {offset + pair} has no tokens (only whitespace or control characters?)")
             windows.extend(Window(offset + pair, encoding) for encoding in encodings)
         # Sorting by length makes each padded batch nearly rectangular; Python's sort is stable, so
         # the windows of one pair keep their context order, which merging relies on.
@@ -184,17 +177,10 @@ class QuestionAnswerer:
         """Logits (batch, seq) in float32, and which tokens may be part of an answer (batch, seq)."""
         longest = len(batch[0].encoding.ids)
         pad, cls = self.tokenizer.pad_token_id, self.tokenizer.cls_token_id
-        ids = torch.tensor(
-            [w.encoding.ids + [pad] * (longest - len(w.encoding.ids)) for w in batch]
-        )  # (batch, seq)
-        real = torch.tensor(
-            [[1] * len(w.encoding.ids) + [0] * (longest - len(w.encoding.ids)) for w in batch]
-        )
+        ids = torch.tensor([w.encoding.ids + [pad] * (longest - len(w.encoding.ids)) for w in batch])  # (batch, seq)
+        real = torch.tensor([[1] * len(w.encoding.ids) + [0] * (longest - len(w.encoding.ids)) for w in batch])
         context = torch.tensor(
-            [
-                [sid == 1 for sid in w.encoding.sequence_ids] + [False] * (longest - len(w.encoding.ids))
-                for w in batch
-            ]
+            [[sid == 1 for sid in w.encoding.sequence_ids] + [False] * (longest - len(w.encoding.ids)) for w in batch]
         )  # (batch, seq)
         # Padding work is skipped entirely when every window of the batch has the same length.
         mask = None if bool(real.all()) else real.to(self.model.device)
@@ -228,11 +214,7 @@ def decode_spans(
     best_scores, best = best_scores[:, :k].tolist(), best[:, :k].tolist()  # (windows, k)
     return [
         (
-            [
-                (score, i // lengths, i // lengths + i % lengths)
-                for score, i in zip(row_scores, row)
-                if score > 0.0
-            ],
+            [(score, i // lengths, i // lengths + i % lengths) for score, i in zip(row_scores, row) if score > 0.0],
             null,
         )
         for row_scores, row, null in zip(best_scores, best, null_scores)

@@ -143,8 +143,7 @@ def _require(value: Any, kind: type, where: str, source: Path) -> Any:
     # bool is a subclass of int, but a boolean answer_start is malformed data.
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ValueError(
-            f"{source}: not in SQuAD format: {where} should be {_JSON_KINDS[kind]}, "
-            f"got {type(value).__name__}"
+            f"{source}: not in SQuAD format: {where} should be {_JSON_KINDS[kind]}, got {type(value).__name__}"
         )
     return value
 
@@ -319,14 +318,11 @@ def read_predictions(path: str | os.PathLike[str]) -> dict[str, str]:
     predictions = _read_json_file(path)
     if not isinstance(predictions, dict):
         raise ValueError(
-            f"{path}: predictions should be a JSON object {{id: answer_text}}, "
-            f"got {type(predictions).__name__}"
+            f"{path}: predictions should be a JSON object {{id: answer_text}}, got {type(predictions).__name__}"
         )
     for key, value in predictions.items():
         if not isinstance(value, str):
-            raise ValueError(
-                f"{path}: prediction for id {key!r} should be a string, got {type(value).__name__}"
-            )
+            raise ValueError(f"{path}: prediction for id {key!r} should be a string, got {type(value).__name__}")
     return predictions
 
 

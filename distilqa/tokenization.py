@@ -82,23 +82,31 @@ class QuestionContextTokenizer:
         return self.tokenizer.token_to_id("[PAD]")
 
     def encode_windows(
-        self, questions: Sequence[str], contexts: Sequence[str], max_seq_len: int, doc_stride: int
+        self,
+        questions: Sequence[str],
+        contexts: Sequence[str],
+        max_seq_len: int,
+        doc_stride: int,
+        first_index: int = 0,
     ) -> list[list[Encoding]]:
         """For each pair, its windows in context order. Each ``Encoding`` keeps ids, character
-        offsets, sequence ids (0 question, 1 context) and word ids of every token."""
-        self._check_room_for_context(questions, contexts, max_seq_len, doc_stride)
+        offsets, sequence ids (0 question, 1 context) and word ids of every token. Errors name a
+        pair by its position plus ``first_index``."""
+        self._check_room_for_context(questions, contexts, max_seq_len, doc_stride, first_index)
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_seq_len, stride=doc_stride, strategy="only_second")
         encodings = self.tokenizer.encode_batch(list(zip(questions, contexts)))
         return [[encoding, *encoding.overflowing] for encoding in encodings]
 
     def _check_room_for_context(
-        self, questions: Sequence[str], contexts: Sequence[str], max_seq_len: int, doc_stride: int
+        self, questions: Sequence[str], contexts: Sequence[str], max_seq_len: int, doc_stride: int, first_index: int
     ) -> None:
         """Raise ``ValueError`` for a pair whose context must be cut into windows but whose question
         leaves no more than ``doc_stride`` context tokens per window (tokenizers would panic)."""
-        # A token covers at least one character, so a question shorter than this always leaves room.
-        risky = [i for i, question in enumerate(questions) if len(question) + 3 + doc_stride >= max_seq_len]
+        # A token covers at least one character of the *normalized* text (lowercasing can decompose one
+        # character into several tokens), so a question shorter than this always leaves room.
+        normalize = self.tokenizer.normalizer.normalize_str if self.tokenizer.normalizer is not None else str
+        risky = [i for i, question in enumerate(questions) if len(normalize(question)) + 3 + doc_stride >= max_seq_len]
         if not risky:
             return
         self.tokenizer.no_truncation()
@@ -108,7 +116,7 @@ class QuestionContextTokenizer:
             if room > doc_stride or len(self.tokenizer.encode(questions[i], contexts[i]).ids) <= max_seq_len:
                 continue
             raise ValueError(
-                f"question {i} has {question_tokens} tokens, which leaves {room} context tokens per window of "
-                f"max_seq_len={max_seq_len}, but its context needs several windows that overlap by "
+                f"question {first_index + i} has {question_tokens} tokens, which leaves {room} context tokens "
+                f"per window of max_seq_len={max_seq_len}, but its context needs several windows that overlap by "
                 f"doc_stride={doc_stride} tokens: shorten the question, or raise max_seq_len / lower doc_stride"
             )

@@ -117,7 +117,7 @@ def read_state_dict(directory: Path) -> dict[str, Tensor]:
         raise CheckpointError(
             f"{directory} holds only pickle checkpoint(s) ({', '.join(pickles)}); distilqa never unpickles, "
             "because loading a pickle can run arbitrary code. Convert it once, where you trust the file:\n"
-            "  python -c \"import torch; from safetensors.torch import save_file; "
+            '  python -c "import torch; from safetensors.torch import save_file; '
             f"save_file(torch.load('{directory / pickles[0]}', weights_only=True), "
             f"'{directory / SAFETENSORS_FILE}', metadata={{'format': 'pt'}})\""
         )

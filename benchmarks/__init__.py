@@ -1,0 +1,1 @@
+"""Benchmarks of distilqa against transformers; run the scripts, e.g. ``python benchmarks/forward.py``."""

@@ -1,0 +1,547 @@
+"""Forward-pass speed of distilqa's DistilBertForQuestionAnswering against transformers'.
+
+Both models hold the same weights: transformers' model is built with random weights at the
+given configuration (the published one by default), saved with safetensors into a temporary
+folder, and both libraries load that folder, in eval mode, timed under ``torch.inference_mode()``.
+Each attention implementation (eager, sdpa) of each library is timed, interleaved round-robin
+with a matmul reference: the GEMMs of one encoder layer run with ``torch.nn.functional.linear``
+at the same M = batch * seq on the same threads (4 x 768x768, 1 x 768x3072, 1 x 3072x768), the
+practical limit of a forward pass on this machine. Each forward's achieved GFLOP/s is reported,
+and as a fraction of that reference.
+
+FLOPs counted per forward: every linear layer 2*M*K*N (q, k, v, out, lin1, lin2 per layer, and
+the qa head) plus attention's two batched matmuls 2 * 2*batch*heads*seq*seq*head_dim per layer.
+Embeddings, LayerNorm, GELU, softmax and bias additions are not counted.
+
+The inputs are random token ids and, per ``--masks``, an attention_mask of ones (``ones``)
+or no mask (``none``), the same for every model. transformers skips an all-ones mask (it checks
+``mask.all()`` and then passes no mask to the attention core); distilqa does the same.
+
+    python benchmarks/forward.py --plot benchmarks/results/forward-cpu.png
+    python benchmarks/forward.py --small            # a tiny model, to check the script works
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as `python benchmarks/forward.py`: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import (
+    DTYPES,
+    add_common_arguments,
+    default_output,
+    format_table,
+    load_average,
+    machine_info,
+    parse_pairs,
+    plot_panels,
+    setup,
+    time_callables,
+    write_json,
+)
+from distilqa import DistilBertConfig, DistilBertForQuestionAnswering
+
+DEFAULT_SHAPES = "1x128,1x384,8x384,32x128"
+SMALL_SHAPES = "1x16,2x32"
+SMALL_CONFIG = DistilBertConfig(
+    vocab_size=1000, dim=64, n_layers=2, n_heads=4, hidden_dim=256, max_position_embeddings=64
+)
+MASKS = ("ones", "none")
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def save_reference_checkpoint(config: DistilBertConfig, directory: Path, seed: int = 0) -> Path:
+    """transformers' DistilBertForQuestionAnswering with random weights, saved with safetensors."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    reference = transformers.DistilBertForQuestionAnswering(transformers.DistilBertConfig(**dataclasses.asdict(config)))
+    reference.eval().save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def load_transformers(directory: Path, attn: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    import transformers
+
+    model = transformers.DistilBertForQuestionAnswering.from_pretrained(
+        directory, attn_implementation=attn, dtype=dtype
+    )
+    return model.to(device).eval()
+
+
+def load_distilqa(directory: Path, attn: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    return DistilBertForQuestionAnswering.from_pretrained(
+        directory, attn_implementation=attn, device=device, dtype=dtype
+    )
+
+
+def load_fast(directory: Path, device: torch.device, dtype: torch.dtype, **options: Any) -> torch.nn.Module:
+    from distilqa.fast import optimize_for_inference
+
+    return optimize_for_inference(load_distilqa(directory, "sdpa", device, dtype), **options)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    library: str  # "transformers" or "distilqa"
+    attn: str  # the attention core: "eager" or "sdpa"
+    load: Callable[[Path, torch.device, torch.dtype], torch.nn.Module]
+    compare_with: str  # the transformers variant its speed ratio is taken against
+    description: str
+    default: bool = True  # timed unless --variants names others
+    cpu_only: bool = False
+    fp32_only: bool = False
+
+
+VARIANTS: dict[str, Variant] = {
+    "transformers-eager": Variant(
+        "transformers",
+        "eager",
+        lambda d, dev, dt: load_transformers(d, "eager", dev, dt),
+        "transformers-eager",
+        "transformers, attn_implementation='eager'",
+    ),
+    "transformers-sdpa": Variant(
+        "transformers",
+        "sdpa",
+        lambda d, dev, dt: load_transformers(d, "sdpa", dev, dt),
+        "transformers-sdpa",
+        "transformers, attn_implementation='sdpa'",
+    ),
+    "distilqa-eager": Variant(
+        "distilqa",
+        "eager",
+        lambda d, dev, dt: load_distilqa(d, "eager", dev, dt),
+        "transformers-eager",
+        "distilqa, attn_implementation='eager'",
+    ),
+    "distilqa-sdpa": Variant(
+        "distilqa",
+        "sdpa",
+        lambda d, dev, dt: load_distilqa(d, "sdpa", dev, dt),
+        "transformers-sdpa",
+        "distilqa, attn_implementation='sdpa'",
+    ),
+    "distilqa-fast": Variant(
+        "distilqa",
+        "sdpa",
+        lambda d, dev, dt: load_fast(d, dev, dt),
+        "transformers-sdpa",
+        "distilqa.fast.optimize_for_inference(model): fused QKV projection, same fp32 math (opt-in)",
+    ),
+    "distilqa-int8": Variant(
+        "distilqa",
+        "sdpa",
+        lambda d, dev, dt: load_fast(d, dev, dt, quantize="int8"),
+        "transformers-sdpa",
+        "distilqa.fast.optimize_for_inference(model, quantize='int8'): int8 dynamic quantisation of the "
+        "linear layers (opt-in, CPU; approximate: see max_abs_logit_diff)",
+        default=False,
+        cpu_only=True,
+        fp32_only=True,
+    ),
+}
+
+
+# ---------------------------------------------------------------------------- FLOPs and the matmul reference
+
+
+def layer_gemms(config: DistilBertConfig) -> list[tuple[int, int, int]]:
+    """(K, N, count) of the linear layers of one encoder layer: q, k, v, out; lin1; lin2."""
+    return [(config.dim, config.dim, 4), (config.dim, config.hidden_dim, 1), (config.hidden_dim, config.dim, 1)]
+
+
+def forward_flops(config: DistilBertConfig, batch: int, seq: int) -> dict[str, int]:
+    """FLOPs of one forward pass, split into linear layers and attention's batched matmuls."""
+    tokens = batch * seq
+    per_layer_linear = sum(2 * tokens * k * n * count for k, n, count in layer_gemms(config))
+    per_layer_attention = 2 * 2 * batch * config.n_heads * seq * seq * config.head_dim
+    linear = config.n_layers * per_layer_linear + 2 * tokens * config.dim * 2  # + the qa head
+    attention = config.n_layers * per_layer_attention
+    return {"linear": linear, "attention": attention, "total": linear + attention}
+
+
+def matmul_reference(
+    config: DistilBertConfig, tokens: int, device: torch.device, dtype: torch.dtype
+) -> tuple[dict[str, Callable[[], object]], dict[str, int]]:
+    """Callables running one layer's GEMMs with F.linear at M=tokens, each returning nothing:
+    ``"matmul"`` all of them in their per-layer proportions, without bias (pure matrix products:
+    the reference); ``"matmul+bias"`` the same with bias, as the model's layers do; and
+    ``"gemm KxN"`` each shape alone, without bias. Returns them and their FLOPs."""
+    generator = torch.Generator().manual_seed(1)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+
+    inputs = {k: randn(tokens, k) for k in {k for k, _, _ in layer_gemms(config)}}
+    weights = {(k, n): (randn(n, k) * k**-0.5, randn(n)) for k, n, _ in layer_gemms(config)}
+
+    def gemms(shapes: list[tuple[int, int, int]], bias: bool) -> Callable[[], object]:
+        work = [(inputs[k], weights[(k, n)][0], weights[(k, n)][1] if bias else None, count) for k, n, count in shapes]
+
+        def run() -> None:
+            for x, w, b, count in work:
+                for _ in range(count):
+                    F.linear(x, w, b)
+
+        return run
+
+    functions = {"matmul": gemms(layer_gemms(config), bias=False), "matmul+bias": gemms(layer_gemms(config), bias=True)}
+    functions.update({f"gemm {k}x{n}": gemms([(k, n, 1)], bias=False) for k, n, _ in layer_gemms(config)})
+    per_layer = sum(2 * tokens * k * n * c for k, n, c in layer_gemms(config))
+    flops = {"matmul": per_layer, "matmul+bias": per_layer}
+    flops.update({f"gemm {k}x{n}": 2 * tokens * k * n for k, n, _ in layer_gemms(config)})
+    return functions, flops
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def start_logits(output: Any) -> torch.Tensor:
+    return output.start_logits if hasattr(output, "start_logits") else output[0]
+
+
+def end_logits(output: Any) -> torch.Tensor:
+    return output.end_logits if hasattr(output, "end_logits") else output[1]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device, dtype_names = setup(args)
+    config = SMALL_CONFIG if args.small else DistilBertConfig()
+    shapes = parse_pairs(args.shapes or (SMALL_SHAPES if args.small else DEFAULT_SHAPES))
+    masks = list(MASKS) if args.masks == "both" else [args.masks]
+    names = args.variants.split(",") if args.variants else [n for n, v in VARIANTS.items() if v.default]
+    if unknown := [n for n in names if n not in VARIANTS]:
+        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; expected some of {', '.join(VARIANTS)}")
+    for name in names:  # every ratio needs its transformers counterpart
+        if VARIANTS[name].compare_with not in names:
+            names.append(VARIANTS[name].compare_with)
+    names = [n for n in VARIANTS if n in names]
+    for _, seq in shapes:
+        if seq > config.max_position_embeddings:
+            raise SystemExit(f"seq {seq} is longer than the model's {config.max_position_embeddings} positions")
+
+    payload: dict[str, Any] = {
+        "benchmark": "forward",
+        "machine": machine_info(device),
+        "settings": {
+            "config": dataclasses.asdict(config),
+            "small": args.small,
+            "shapes": [list(s) for s in shapes],
+            "dtypes": dtype_names,
+            "masks": masks,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "threads": torch.get_num_threads(),
+            "device": str(device),
+            "variants": {n: VARIANTS[n].description for n in names},
+            "timing": "interleaved round-robin over the variants and the matmul reference; "
+            + ("CUDA events" if device.type == "cuda" else "time.perf_counter")
+            + "; torch.inference_mode(); eval mode",
+            "flops": "linear layers 2*M*K*N (M = batch*seq) + attention 2*2*batch*heads*seq*seq*head_dim "
+            "per layer, + the qa head; LayerNorm, GELU, softmax, embeddings not counted",
+            "matmul_reference": "torch.nn.functional.linear without bias (pure GEMM; 'with_bias': the same "
+            "with bias, as the model's layers) at M = batch*seq, per encoder layer: "
+            + ", ".join(f"{c} x {k}x{n}" for k, n, c in layer_gemms(config)),
+            "speedup": "time of the transformers variant / time of the distilqa variant, medians of the same run "
+            "(> 1: distilqa is faster)",
+        },
+        "results": [],
+        "matmul": [],
+        "ratios": [],
+        "skipped": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="distilqa-bench-") as tmp:
+        checkpoint = save_reference_checkpoint(config, Path(tmp))
+        for dtype_name in dtype_names:
+            dtype = DTYPES[dtype_name]
+            models = {}
+            for name in names:
+                variant = VARIANTS[name]
+                if (variant.cpu_only and device.type != "cpu") or (variant.fp32_only and dtype != torch.float32):
+                    payload["skipped"].append({"variant": name, "dtype": dtype_name, "why": "CPU fp32 only"})
+                    continue
+                try:
+                    models[name] = variant.load(checkpoint, device, dtype)
+                except (RuntimeError, ValueError, NotImplementedError) as error:
+                    payload["skipped"].append({"variant": name, "dtype": dtype_name, "why": str(error)[:300]})
+            for batch, seq in shapes:
+                run_shape(payload, config, models, device, dtype_name, batch, seq, masks, args)
+    payload["machine"]["load_average_at_end"] = load_average()
+    return payload
+
+
+def run_shape(
+    payload: dict[str, Any],
+    config: DistilBertConfig,
+    models: dict[str, torch.nn.Module],
+    device: torch.device,
+    dtype_name: str,
+    batch: int,
+    seq: int,
+    masks: list[str],
+    args: argparse.Namespace,
+) -> None:
+    generator = torch.Generator().manual_seed(batch * 100003 + seq)
+    input_ids = torch.randint(1, config.vocab_size, (batch, seq), generator=generator).to(device)
+    ones = torch.ones(batch, seq, dtype=torch.long, device=device)
+    flops = forward_flops(config, batch, seq)
+    reference, reference_flops = matmul_reference(config, batch * seq, device, DTYPES[dtype_name])
+
+    with torch.inference_mode():
+        baseline = models.get("transformers-eager") or next(iter(models.values()))
+        expected = baseline(input_ids=input_ids, attention_mask=ones)
+        deviations = {}
+        for name, model in models.items():
+            got = model(input_ids=input_ids, attention_mask=ones)
+            deviations[name] = max(
+                (start_logits(got).float() - start_logits(expected).float()).abs().max().item(),
+                (end_logits(got).float() - end_logits(expected).float()).abs().max().item(),
+            )
+        for mask in masks:
+            attention_mask = ones if mask == "ones" else None
+            functions: dict[str, Callable[[], object]] = {
+                name: (lambda m=model, a=attention_mask: m(input_ids=input_ids, attention_mask=a))
+                for name, model in models.items()
+            }
+            functions.update(reference)
+            print(
+                f"[forward] {dtype_name} batch={batch} seq={seq} mask={mask}: timing {len(functions)} cases", flush=True
+            )
+            timings = time_callables(functions, args.warmup, args.repeats, device)
+
+            matmul_flops = reference_flops["matmul"]
+            matmul_gflops = matmul_flops / (timings["matmul"]["median_ms"] / 1000) / 1e9
+            payload["matmul"].append(
+                {
+                    "batch": batch,
+                    "seq": seq,
+                    "M": batch * seq,
+                    "dtype": dtype_name,
+                    "mask": mask,
+                    "gflop": matmul_flops / 1e9,
+                    "timing": timings["matmul"],
+                    "gflop_per_s": matmul_gflops,
+                    "with_bias": {
+                        "timing": timings["matmul+bias"],
+                        "gflop_per_s": matmul_flops / (timings["matmul+bias"]["median_ms"] / 1000) / 1e9,
+                    },
+                    "gemms": [
+                        {
+                            "K": k,
+                            "N": n,
+                            "count_per_layer": count,
+                            "timing": timings[f"gemm {k}x{n}"],
+                            "gflop_per_s": reference_flops[f"gemm {k}x{n}"]
+                            / (timings[f"gemm {k}x{n}"]["median_ms"] / 1000)
+                            / 1e9,
+                        }
+                        for k, n, count in layer_gemms(config)
+                    ],
+                }
+            )
+            for name in models:
+                timing, variant = timings[name], VARIANTS[name]
+                gflop_per_s = flops["total"] / (timing["median_ms"] / 1000) / 1e9
+                payload["results"].append(
+                    {
+                        "batch": batch,
+                        "seq": seq,
+                        "dtype": dtype_name,
+                        "mask": mask,
+                        "variant": name,
+                        "library": variant.library,
+                        "attn": variant.attn,
+                        "timing": timing,
+                        "gflop": flops["total"] / 1e9,
+                        "gflop_linear": flops["linear"] / 1e9,
+                        "gflop_attention": flops["attention"] / 1e9,
+                        "gflop_per_s": gflop_per_s,
+                        "fraction_of_matmul": gflop_per_s / matmul_gflops,
+                        "max_abs_logit_diff_vs_"
+                        + ("transformers-eager" if "transformers-eager" in models else "first"): deviations[name],
+                    }
+                )
+            for name in models:
+                other = VARIANTS[name].compare_with
+                if VARIANTS[name].library != "distilqa" or other not in timings:
+                    continue
+                payload["ratios"].append(
+                    {
+                        "batch": batch,
+                        "seq": seq,
+                        "dtype": dtype_name,
+                        "mask": mask,
+                        "distilqa": name,
+                        "transformers": other,
+                        "speedup": timings[other]["median_ms"] / timings[name]["median_ms"],
+                        "speedup_of_min": timings[other]["min_ms"] / timings[name]["min_ms"],
+                    }
+                )
+
+
+# ---------------------------------------------------------------------------- reporting
+
+
+def report(payload: dict[str, Any]) -> str:
+    machine, settings = payload["machine"], payload["settings"]
+    lines = [
+        f"distilqa vs transformers forward, {machine['device_name']} ({machine['device']}), "
+        f"{settings['threads']} threads, torch {machine['torch']}, transformers {machine['transformers']}; "
+        f"median of {settings['repeats']} after {settings['warmup']} warm-up; load average "
+        f"{machine['load_average_at_start']} -> {machine.get('load_average_at_end')}",
+    ]
+    speedups = {(r["batch"], r["seq"], r["dtype"], r["mask"], r["distilqa"]): r for r in payload["ratios"]}
+    rows = []
+    for m in payload["matmul"]:  # one block per (shape, dtype, mask), ending with its matmul reference
+        key = (m["batch"], m["seq"], m["dtype"], m["mask"])
+        shape = f"{m['batch']}x{m['seq']}"
+        for r in payload["results"]:
+            if (r["batch"], r["seq"], r["dtype"], r["mask"]) != key:
+                continue
+            t, ratio = r["timing"], speedups.get((*key, r["variant"]))
+            rows.append(
+                [
+                    shape,
+                    r["dtype"],
+                    r["mask"],
+                    r["variant"],
+                    t["median_ms"],
+                    t["min_ms"],
+                    t["max_ms"],
+                    t["iqr_ms"],
+                    r["gflop_per_s"],
+                    f"{100 * r['fraction_of_matmul']:.1f}%",
+                    f"{ratio['speedup']:.3f}x vs {ratio['transformers']}" if ratio else "",
+                ]
+            )
+        t = m["timing"]
+        rows.append(
+            [
+                shape,
+                m["dtype"],
+                m["mask"],
+                "matmul reference",
+                t["median_ms"],
+                t["min_ms"],
+                t["max_ms"],
+                t["iqr_ms"],
+                m["gflop_per_s"],
+                "100%",
+                "",
+            ]
+        )
+    headers = [
+        "shape",
+        "dtype",
+        "mask",
+        "variant",
+        "median ms",
+        "min ms",
+        "max ms",
+        "IQR ms",
+        "GFLOP/s",
+        "of matmul",
+        "speedup (transformers/distilqa)",
+    ]
+    lines.append(format_table(headers, rows))
+    lines.append(
+        "GFLOP/s counts linear layers and attention matmuls; 'of matmul' divides by the F.linear throughput at "
+        "the model's own GEMM shapes, measured interleaved in the same run (matmul reference rows)."
+    )
+    if payload["skipped"]:
+        lines.append("skipped: " + "; ".join(f"{s['variant']} {s['dtype']}: {s['why']}" for s in payload["skipped"]))
+    return "\n".join(lines)
+
+
+def plot(payload: dict[str, Any], path: Path) -> Path:
+    panels = []
+    keys = sorted({(r["dtype"], r["mask"]) for r in payload["results"]}, key=str)
+    for dtype, mask in keys:
+        results = [r for r in payload["results"] if r["dtype"] == dtype and r["mask"] == mask]
+        shapes = sorted({(r["batch"], r["seq"]) for r in results}, key=lambda s: s[0] * s[1])
+        series: dict[str, tuple[list, list, list]] = {}
+        for name in dict.fromkeys(r["variant"] for r in results):
+            values, lower, upper = [], [], []
+            for shape in shapes:
+                hit = [r for r in results if r["variant"] == name and (r["batch"], r["seq"]) == shape]
+                if not hit:
+                    values.append(None), lower.append(None), upper.append(None)
+                    continue
+                r = hit[0]
+                values.append(r["gflop_per_s"])
+                lower.append(r["gflop"] / (r["timing"]["q3_ms"] / 1000))
+                upper.append(r["gflop"] / (r["timing"]["q1_ms"] / 1000))
+            series[name] = (values, lower, upper)
+        matmul = {(m["batch"], m["seq"]): m for m in payload["matmul"] if m["dtype"] == dtype and m["mask"] == mask}
+        series["matmul reference (F.linear)"] = (
+            [matmul[s]["gflop_per_s"] for s in shapes],
+            [matmul[s]["gflop"] / (matmul[s]["timing"]["q3_ms"] / 1000) for s in shapes],
+            [matmul[s]["gflop"] / (matmul[s]["timing"]["q1_ms"] / 1000) for s in shapes],
+        )
+        panels.append(
+            {
+                "title": f"{dtype}, attention_mask={mask}",
+                "categories": [f"{b}x{s}" for b, s in shapes],
+                "series": series,
+            }
+        )
+    machine = payload["machine"]
+    title = (
+        f"DistilBERT QA forward, {machine['device_name']}, {payload['settings']['threads']} threads "
+        "(bars: median; whiskers: interquartile range)"
+    )
+    return plot_panels(path, panels, "achieved GFLOP/s", title)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_common_arguments(parser, default_repeats=10, default_warmup=2)
+    parser.add_argument(
+        "--shapes", default=None, help=f"batch x seq list (default {DEFAULT_SHAPES}; --small {SMALL_SHAPES})"
+    )
+    parser.add_argument(
+        "--masks",
+        choices=["ones", "none", "both"],
+        default="both",
+        help="attention_mask given to every model: a tensor of ones, None, or both in turn",
+    )
+    parser.add_argument(
+        "--variants", default=None, help=f"comma list of {', '.join(VARIANTS)} (default: those but int8)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    payload = run(args)
+    output = args.output or default_output("forward", torch.device(args.device))
+    write_json(output, payload)
+    print(report(payload))
+    print(f"wrote {output}")
+    if args.plot:
+        print(f"wrote {plot(payload, args.plot)}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
