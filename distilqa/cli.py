@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -18,7 +20,7 @@ from tqdm.auto import tqdm
 
 from distilqa.weights import DEFAULT_REPO_ID, CheckpointError, WeightsNotFoundError
 
-USER_ERRORS = (WeightsNotFoundError, CheckpointError, FileNotFoundError, ValueError, TypeError, ImportError)
+USER_ERRORS = (WeightsNotFoundError, CheckpointError, OSError, ValueError, TypeError, ImportError)  # OSError: files
 LINES_PER_CHUNK = 256  # jsonl pairs answered together: bounds memory on long files
 
 
@@ -103,18 +105,22 @@ def run_ask(args: argparse.Namespace) -> int:
     if args.input is not None:
         if args.question is not None:
             raise ValueError("--question goes with --context or --context-file, not with --input")
-        pairs = read_pairs(args.input)  # every line is checked before any work starts
-        answerer = load_answerer(args)
-        with open_output(args.output) as out, tqdm(total=len(pairs), unit="question", file=sys.stderr) as bar:
-            for chunk in chunked(pairs, LINES_PER_CHUNK):
-                answers = answerer([p["question"] for p in chunk], [p["context"] for p in chunk], **options)
-                for pair, answer in zip(chunk, answers):
-                    record = {"id": pair["id"]} if "id" in pair else {}
-                    out.write(
-                        json.dumps({**record, "question": pair["question"], "answer": answer}, ensure_ascii=False)
-                    )
-                    out.write("\n")
-                bar.update(len(chunk))
+        lines, pairs = zip(*read_pairs(args.input))  # every line is checked before any work starts
+        with open_output(args.output) as out:
+            answerer = load_answerer(args)
+            with tqdm(total=len(pairs), unit="question", file=sys.stderr) as bar:
+                for first in range(0, len(pairs), LINES_PER_CHUNK):
+                    chunk = pairs[first : first + LINES_PER_CHUNK]
+                    try:
+                        answers = answerer([p["question"] for p in chunk], [p["context"] for p in chunk], **options)
+                    except ValueError as error:  # name the line, not the position in this chunk
+                        message = re.sub(r"\b(question|context) \d+\b", r"\1", str(error))
+                        raise ValueError(f"{args.input}:{lines[first + _pair_index(error)]}: {message}") from None
+                    for pair, answer in zip(chunk, answers):
+                        record = {"id": pair["id"]} if "id" in pair else {}
+                        record.update(question=pair["question"], answer=answer)
+                        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    bar.update(len(chunk))
         return 0
     if args.question is None or (args.context is None and args.context_file is None):
         raise ValueError("ask needs --question with --context or --context-file, or --input FILE.jsonl")
@@ -180,15 +186,15 @@ def run_verify(args: argparse.Namespace) -> int:
 
 def read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_bytes().decode("utf-8")  # as stored: "\r\n" kept, so offsets index the file's text
     except UnicodeDecodeError as error:
         raise ValueError(f"{path} is not UTF-8 text ({error})") from None
 
 
-def read_pairs(path: Path) -> list[dict]:
-    """The {"question", "context"[, "id"]} objects of a JSON Lines file, checked line by line."""
+def read_pairs(path: Path) -> list[tuple[int, dict]]:
+    """(line number, {"question", "context"[, "id"]}) for each object of a JSON Lines file, checked line by line."""
     pairs = []
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
+    for number, line in enumerate(read_text(path).split("\n"), start=1):  # not splitlines: U+2028 is JSON text
         if not line.strip():
             continue
         try:
@@ -199,7 +205,7 @@ def read_pairs(path: Path) -> list[dict]:
             raise ValueError(f'{path}:{number}: expected an object with string "question" and "context"')
         if not (pair["question"].strip() and pair["context"].strip()):
             raise ValueError(f"{path}:{number}: the question or the context is empty")
-        pairs.append(pair)
+        pairs.append((number, pair))
     if not pairs:
         raise ValueError(f"{path} holds no question")
     return pairs
@@ -210,9 +216,28 @@ def chunked(items: list, size: int) -> Iterator[list]:
         yield items[start : start + size]
 
 
-def open_output(path: Path | None):
-    """The file to write, or stdout (left open)."""
-    return contextlib.nullcontext(sys.stdout) if path is None else path.open("w", encoding="utf-8")
+def _pair_index(error: ValueError) -> int:
+    """The pair position that a pipeline error message names ("context 3 has no tokens"), else 0."""
+    found = re.search(r"\b(?:question|context) (\d+)\b", str(error))
+    return int(found[1]) if found else 0
+
+
+@contextlib.contextmanager
+def open_output(path: Path | None) -> Iterator:
+    """Stdout, or a file that replaces ``path`` only once everything is written: an error midway
+    leaves an existing file as it was."""
+    if path is None:
+        yield sys.stdout
+        return
+    if path.is_dir():
+        raise ValueError(f"--output {path} is a directory; name a file")
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with partial.open("w", encoding="utf-8") as out:
+            yield out
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ class QuestionAnswerer:
         """
         questions, contexts, single = _pairs(question, context)
         max_seq_len = min(384, self.tokenizer.model_max_length) if max_seq_len is None else max_seq_len
-        doc_stride = min(128, max_seq_len // 2) if doc_stride is None else doc_stride
+        doc_stride = min(128, max_seq_len // 2) if doc_stride is None and isinstance(max_seq_len, int) else doc_stride
         self._check_options(top_k, max_answer_len, max_seq_len, doc_stride)
         candidates_per_window = 2 * top_k + 10 if align_to_words else top_k
 
@@ -137,6 +137,7 @@ class QuestionAnswerer:
     @staticmethod
     def _check_options(top_k: int, max_answer_len: int, max_seq_len: int, doc_stride: int) -> None:
         for name, value, low in (
+            ("max_seq_len", max_seq_len, 4),  # first: the default doc_stride depends on it
             ("top_k", top_k, 1),
             ("max_answer_len", max_answer_len, 1),
             ("doc_stride", doc_stride, 0),
@@ -281,4 +282,9 @@ def _pairs(question: str | Sequence[str], context: str | Sequence[str]) -> tuple
                 raise TypeError(f"{name} {i} must be a string, got {type(text).__name__}")
             if not text.strip():
                 raise ValueError(f"{name} {i} is empty or only whitespace")
+            if not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(f"{name} {i} is not valid Unicode: it holds a lone surrogate") from None
     return questions, contexts, single

@@ -24,6 +24,9 @@ from hypothesis import strategies as st
 import distilqa.pipeline as pipeline_module
 from distilqa.pipeline import QuestionAnswerer
 
+# numpy 2 warns about the transformers pipeline's np.array(torch tensor); not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
 ODD_CONTEXTS = {
     "control": "Bob\x07 is\x00 sitting\x1b on the\x7f bench\x0c in Paris.",
     "zero-width": "Bob\u200b is\u200c sitting\u200d on\ufeff the bench in Paris.",
@@ -149,7 +152,7 @@ def test_inputs_without_tokens_raise_value_error(tiny, question, context, messag
 
 def test_question_leaving_no_room_for_context_raises_value_error(tiny):
     question = "Why " * 500 + "?"
-    with pytest.raises(ValueError, match=r"question 0 has 501 tokens.*max_seq_len=384"):
+    with pytest.raises(ValueError, match=r"question 0 has \d+ tokens.*max_seq_len=384"):
         tiny(question, SUPER_BOWL)
     with pytest.raises(ValueError, match=r"question 1 has \d+ tokens.*shorten the question"):
         tiny(["Who won?", "Who " * 60], [SUPER_BOWL, SUPER_BOWL], max_seq_len=64, doc_stride=16)
@@ -160,16 +163,14 @@ def test_long_question_with_context_fitting_one_window_is_answered(tiny):
     check_answer(tiny(question, "Bob won the game in Paris."), "Bob won the game in Paris.")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: tokenization._check_room_for_context numbers pairs within the 1024-pair chunk "
-    "(pipeline.PAIRS_PER_CHUNK), so pair 1029 is reported as 'question 5'",
-)
 def test_too_long_question_is_named_by_its_index_beyond_the_first_chunk(tiny, monkeypatch):
+    """Pairs are tokenized in chunks (PAIRS_PER_CHUNK); errors still name the caller's index."""
     monkeypatch.setattr(pipeline_module, "PAIRS_PER_CHUNK", 2)
     questions = ["Who won?", "Who won?", "Who won?", "Who " * 60]
     with pytest.raises(ValueError, match=r"question 3 has"):
         tiny(questions, SUPER_BOWL, max_seq_len=64, doc_stride=16)
+    with pytest.raises(ValueError, match=r"context 4 has no tokens"):
+        tiny(["Who won?"] * 5, ["Bob.", "Bob.", "Bob.", "Bob.", "\u200b"])
 
 
 def test_lone_surrogate_raises_a_clear_error_not_a_crash(tiny):
@@ -418,7 +419,9 @@ def reference_pipeline(published_checkpoint):
     )
 
 
-REPEATED = "The Denver Broncos won in Denver. " * 8
+# 112 tokens: 3 windows of 64. With one-token answers there are only 6 different texts ("the", "denver",
+# "broncos", "won", "in", "."), fewer than the candidates: equal answers must be merged.
+REPEATED = "The Denver Broncos won in Denver. " * 16
 
 
 @pytest.mark.parametrize(
@@ -426,9 +429,9 @@ REPEATED = "The Denver Broncos won in Denver. " * 8
     [
         (SUPER_BOWL, dict(top_k=1)),
         (SUPER_BOWL, dict(top_k=3)),
-        (REPEATED, dict(top_k=1)),
-        (REPEATED, dict(top_k=3)),
-        (REPEATED, dict(top_k=3, align_to_words=False, handle_impossible_answer=True)),
+        (REPEATED, dict(top_k=1, max_answer_len=1)),
+        (REPEATED, dict(top_k=3, max_answer_len=1)),
+        (REPEATED, dict(top_k=3, max_answer_len=1, align_to_words=False, handle_impossible_answer=True)),
     ],
     ids=["paragraph-top1", "paragraph-top3", "repeated-top1", "repeated-top3", "repeated-tokens-impossible"],
 )

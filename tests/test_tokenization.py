@@ -8,6 +8,8 @@ the characters that usually break tokenizers.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import unicodedata
 import zipfile
@@ -20,6 +22,9 @@ from hypothesis import strategies as st
 from tokenizers import Encoding
 
 from distilqa.tokenization import SPECIAL_TOKENS, QuestionContextTokenizer, build_wordpiece_tokenizer
+
+# transformers' BertTokenizerFast builds its WordPiece model in a way tokenizers deprecates; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:Deprecated in 0.9.0:DeprecationWarning")
 
 WINDOW_SETTINGS = [(384, 128), (64, 16)]
 
@@ -45,6 +50,7 @@ HAND_QUESTIONS = [
 ]
 
 
+@functools.cache
 def squad_pairs(limit: int = 200) -> list[tuple[str, str]]:
     """(question, context) pairs spread over the whole SQuAD v1.1 dev set, or none without it."""
     if not SQUAD_FILE.exists():
@@ -172,7 +178,7 @@ def test_lowercase_matches_uncased_reference(vocab_file, text):
 
 
 def test_literal_special_tokens_in_text_are_special(ours, reference):
-    """"[CLS]" typed in a context is the [CLS] token to both tokenizers (as in the reference)."""
+    """ "[CLS]" typed in a context is the [CLS] token to both tokenizers (as in the reference)."""
     (window,) = ours.encode_windows(["Why?"], ["a [CLS] b [SEP] c"], 64, 16)[0]
     cls, sep = ours.cls_token_id, ours.tokenizer.token_to_id("[SEP]")
     context_ids = [i for i, s in zip(window.ids, window.sequence_ids) if s == 1]
@@ -294,7 +300,7 @@ def assert_windows_tile_context(tokenizer, question, context, max_seq_len, doc_s
         assert window.sequence_ids == [None, *[0] * n_question, None, *[1] * (len(window.ids) - n_question - 3), None]
         assert window.ids[0] == tokenizer.cls_token_id
     joined = context_offsets(windows[0])
-    for previous, current in zip(windows, windows[1:]):
+    for previous, current in itertools.pairwise(windows):
         before, after = context_offsets(previous), context_offsets(current)
         assert len(before) > doc_stride
         if doc_stride:
@@ -312,10 +318,10 @@ def test_windows_overlap_by_doc_stride_and_cover_context(ours, max_seq_len, doc_
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(context=st.text(min_size=1, max_size=400), max_seq_len=st.integers(12, 64), stride=st.integers(0, 30))
+@given(context=st.text(min_size=1, max_size=400), max_seq_len=st.integers(16, 64), stride=st.integers(0, 30))
 def test_windows_tile_arbitrary_context(ours, context, max_seq_len, stride):
-    doc_stride = min(stride, max_seq_len - 9)  # the question "Who won?" takes 3 tokens + 3 special
-    assert_windows_tile_context(ours, "Who won?", context, max_seq_len, doc_stride)
+    room = max_seq_len - 3 - question_tokens(ours, "Who won?")  # context tokens per window
+    assert_windows_tile_context(ours, "Who won?", context, max_seq_len, min(stride, room - 1))
 
 
 # --------------------------------------------------------------------------- #
@@ -323,13 +329,14 @@ def test_windows_tile_arbitrary_context(ours, context, max_seq_len, stride):
 # --------------------------------------------------------------------------- #
 
 
-LONG_QUESTION = "word " * 100  # 100 tokens
-LONG_CONTEXT = "long context " * 100  # 200 tokens
+# Words of conftest.fallback_corpus, so one token each with the real and with the fallback vocabulary.
+LONG_QUESTION = "the " * 100  # 100 tokens
+LONG_CONTEXT = "the city " * 100  # 200 tokens
 
 
 def test_question_longer_than_window_raises_value_error(ours):
     with pytest.raises(ValueError, match=r"question 0 has 100 tokens.*max_seq_len=64"):
-        ours.encode_windows([LONG_QUESTION], ["short context"], 64, 16)
+        ours.encode_windows([LONG_QUESTION], ["the city"], 64, 16)
     with pytest.raises(ValueError, match=r"question 0 has 100 tokens"):
         ours.encode_windows([LONG_QUESTION], [LONG_CONTEXT], 64, 16)
 
@@ -349,10 +356,10 @@ def test_bad_question_is_named_by_its_index(ours):
 
 
 def test_long_question_with_context_fitting_one_window_works(ours):
-    (window,) = ours.encode_windows([LONG_QUESTION], ["short context"], 384, 128)[0]
+    (window,) = ours.encode_windows([LONG_QUESTION], ["the city"], 384, 128)[0]
     assert len(window.ids) == 100 + 2 + 3
-    (window,) = ours.encode_windows([LONG_QUESTION], ["short context"], 105, 100)[0]  # exactly full
-    assert context_offsets(window) == [(0, 5), (6, 13)]
+    (window,) = ours.encode_windows([LONG_QUESTION], ["the city"], 105, 100)[0]  # exactly full
+    assert context_offsets(window) == [(0, 3), (4, 8)]
 
 
 def test_question_with_more_tokens_than_characters_raises_value_error(tmp_path):

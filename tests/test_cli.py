@@ -1,0 +1,542 @@
+"""Tests for the ``distilqa`` command (distilqa/cli.py).
+
+Commands run in-process through ``distilqa.cli.main`` (fast); one test runs the real command in a
+subprocess to check exit status and that no traceback reaches the user. ``ask`` and ``evaluate`` use
+a tiny random checkpoint; ``verify`` uses the published-size one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import SQUAD_FILE, save_reference_checkpoint, write_tokenizer_files
+
+from distilqa.cli import main
+from distilqa.pipeline import QuestionAnswerer
+
+CONTEXT = "Alice is sitting on the bench. Bob is sitting next to her in Paris."
+QUESTION = "Who is sitting next to Alice?"
+
+SQUAD = {
+    "version": "1.1",
+    "data": [
+        {
+            "title": "Super_Bowl_50",
+            "paragraphs": [
+                {
+                    "context": "The Denver Broncos defeated the Carolina Panthers 24–10 in Super Bowl 50, "
+                    "played at Levi's Stadium in Santa Clara.",
+                    "qas": [
+                        {
+                            "id": "q1",
+                            "question": "Who won?",
+                            "answers": [{"text": "Denver Broncos", "answer_start": 4}],
+                        },
+                        {
+                            "id": "q2",
+                            "question": "Which team won Super Bowl 50?",
+                            "answers": [{"text": "Denver Broncos", "answer_start": 4}],
+                        },
+                        {
+                            "id": "q3",
+                            "question": "Who lost?",
+                            "answers": [{"text": "Carolina Panthers", "answer_start": 32}],
+                        },
+                    ],
+                }
+            ],
+        },
+        {
+            "title": "Paris",
+            "paragraphs": [
+                {
+                    "context": "HuggingFace was founded in Paris.",
+                    "qas": [
+                        {
+                            "id": "q4",
+                            "question": "Where was HuggingFace founded?",
+                            "answers": [{"text": "Paris", "answer_start": 27}],
+                        },
+                        {
+                            "id": "q5",
+                            "question": "What was founded?",
+                            "answers": [{"text": "HuggingFace", "answer_start": 0}],
+                        },
+                        {"id": "q6", "question": "Where?", "answers": [{"text": "Paris", "answer_start": 27}]},
+                    ],
+                }
+            ],
+        },
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny")
+    save_reference_checkpoint(directory, dim=32, n_layers=1, n_heads=2, hidden_dim=64)
+    return write_tokenizer_files(directory)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint) -> QuestionAnswerer:
+    return QuestionAnswerer.from_pretrained(tiny_checkpoint)
+
+
+@pytest.fixture
+def squad_file(tmp_path) -> Path:
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps(SQUAD), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch) -> Path:
+    """No weights and no network: an empty weights folder, an empty hub cache, and the hub offline."""
+    weights = tmp_path / "empty-weights"
+    weights.mkdir()
+    monkeypatch.setenv("DISTILQA_WEIGHTS_DIR", str(weights))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads those variables once, at import: set its constants too, so that a machine
+    # with network access (CI) does not download the real checkpoint here.
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
+    return weights
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    status = main([str(arg) for arg in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def check_user_error(status: int, err: str, *phrases: str) -> None:
+    assert status == 2, err
+    assert err.startswith("distilqa: error: "), err
+    assert "Traceback" not in err
+    for phrase in phrases:
+        assert phrase in err, err
+
+
+# --------------------------------------------------------------------------- #
+# ask
+# --------------------------------------------------------------------------- #
+
+
+def test_ask_prints_the_answer(capsys, tiny_checkpoint, tiny):
+    expected = tiny(QUESTION, CONTEXT)
+    status, out, _ = run(capsys, "ask", "--model", tiny_checkpoint, "--question", QUESTION, "--context", CONTEXT)
+    assert status == 0
+    assert (
+        out
+        == f"{expected['answer']}\t(score {expected['score']:.4f}, characters {expected['start']}-{expected['end']})\n"
+    )
+
+
+def test_ask_json(capsys, tiny_checkpoint, tiny):
+    status, out, _ = run(
+        capsys, "ask", "--model", tiny_checkpoint, "--question", QUESTION, "--context", CONTEXT, "--json"
+    )
+    assert status == 0
+    answer = json.loads(out)
+    assert set(answer) == {"score", "start", "end", "answer"}
+    assert answer["answer"] == CONTEXT[answer["start"] : answer["end"]]
+    expected = tiny(QUESTION, CONTEXT)
+    assert (answer["answer"], answer["start"], answer["end"]) == (
+        expected["answer"],
+        expected["start"],
+        expected["end"],
+    )
+    assert answer["score"] == pytest.approx(expected["score"], abs=1e-6)
+
+
+def test_ask_top_k_json_gives_a_list(capsys, tiny_checkpoint):
+    status, out, _ = run(
+        capsys,
+        "ask",
+        "--model",
+        tiny_checkpoint,
+        "--question",
+        QUESTION,
+        "--context",
+        CONTEXT,
+        "--top-k",
+        "3",
+        "--json",
+    )
+    assert status == 0
+    answers = json.loads(out)
+    assert isinstance(answers, list) and 1 <= len(answers) <= 3
+    assert [a["score"] for a in answers] == sorted((a["score"] for a in answers), reverse=True)
+    for answer in answers:
+        assert answer["answer"] == CONTEXT[answer["start"] : answer["end"]]
+
+
+def test_ask_top_k_plain_prints_one_line_per_answer(capsys, tiny_checkpoint):
+    status, out, _ = run(
+        capsys, "ask", "--model", tiny_checkpoint, "--question", QUESTION, "--context", CONTEXT, "--top-k", "3"
+    )
+    assert status == 0
+    assert len(out.splitlines()) == 3 and all("\t(score " in line for line in out.splitlines())
+
+
+def test_ask_context_file(capsys, tmp_path, tiny_checkpoint, tiny):
+    context = "Ünïcode cöntext\r\nwith 北京 and 🍕.\nBob is in Paris.\n"
+    path = tmp_path / "context.txt"
+    path.write_bytes(context.encode("utf-8"))
+    status, out, _ = run(
+        capsys, "ask", "--model", tiny_checkpoint, "--question", "Where is Bob?", "--context-file", path, "--json"
+    )
+    assert status == 0
+    answer = json.loads(out)
+    expected = tiny("Where is Bob?", context)
+    assert (answer["answer"], answer["start"], answer["end"]) == (
+        expected["answer"],
+        expected["start"],
+        expected["end"],
+    )
+    assert answer["answer"] == context[answer["start"] : answer["end"]]
+
+
+def test_ask_context_file_errors(capsys, tmp_path, tiny_checkpoint):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café crème".encode("latin-1"))
+    status, _, err = run(capsys, "ask", "--model", tiny_checkpoint, "--question", "q?", "--context-file", latin1)
+    check_user_error(status, err, str(latin1), "UTF-8")
+    missing = tmp_path / "missing.txt"
+    status, _, err = run(capsys, "ask", "--model", tiny_checkpoint, "--question", "q?", "--context-file", missing)
+    check_user_error(status, err, "missing.txt")
+    status, _, err = run(capsys, "ask", "--model", tiny_checkpoint, "--question", "q?", "--context-file", tmp_path)
+    check_user_error(status, err, "directory")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "phrase"),
+    [
+        (["--question", "Who?"], "--context"),
+        (["--context", "Bob."], "--question"),
+        (["--question", "", "--context", "Bob."], "question 0 is empty"),
+        (["--question", "Who?", "--context", "\u200b"], "context 0 has no tokens"),
+        (["--question", "Who?", "--context", "Bob.", "--top-k", "0"], "top_k"),
+        (["--question", "Who?", "--context", "Bob.", "--max-answer-len", "0"], "max_answer_len"),
+    ],
+)
+def test_ask_bad_arguments_exit_2(capsys, tiny_checkpoint, arguments, phrase):
+    status, out, err = run(capsys, "ask", "--model", tiny_checkpoint, *arguments)
+    check_user_error(status, err, phrase)
+    assert out == ""
+
+
+def test_ask_missing_model_folder_exits_2(capsys, tmp_path):
+    status, _, err = run(capsys, "ask", "--model", tmp_path / "nowhere", "--question", "Who?", "--context", "Bob.")
+    check_user_error(status, err, "nowhere")
+
+
+def write_jsonl(path: Path, lines: list) -> Path:
+    path.write_text(
+        "".join((line if isinstance(line, str) else json.dumps(line, ensure_ascii=False)) + "\n" for line in lines),
+        encoding="utf-8",
+    )
+    return path
+
+
+PAIRS = [
+    {"id": "first", "question": "Who is sitting?", "context": CONTEXT},
+    {"question": "Where was HuggingFace founded ?", "context": "HuggingFace was founded in Paris."},
+    "",  # blank lines are skipped
+    {"id": 3, "question": "北京是什么？", "context": "北京是中国的首都。\r\nBeijing 🏙️."},
+]
+
+
+def test_ask_jsonl_input_and_output(capsys, tmp_path, tiny_checkpoint, tiny):
+    source = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    target = tmp_path / "answers.jsonl"
+    status, out, _ = run(capsys, "ask", "--model", tiny_checkpoint, "--input", source, "--output", target)
+    assert status == 0
+    assert out == ""
+    records = [json.loads(line) for line in target.read_text(encoding="utf-8").splitlines()]
+    pairs = [pair for pair in PAIRS if pair]
+    assert len(records) == len(pairs)
+    for record, pair in zip(records, pairs):
+        assert record.get("id") == pair.get("id")  # ids kept, of any JSON type; none added
+        assert ("id" in record) == ("id" in pair)
+        assert record["question"] == pair["question"]
+        answer = record["answer"]
+        assert answer["answer"] == pair["context"][answer["start"] : answer["end"]]
+        expected = tiny(pair["question"], pair["context"])
+        assert (answer["answer"], answer["start"], answer["end"]) == (
+            expected["answer"],
+            expected["start"],
+            expected["end"],
+        )
+
+
+def test_ask_jsonl_keeps_unicode_line_separators_and_crlf(capsys, tmp_path, tiny_checkpoint):
+    """JSON Lines are split on "\\n" only: U+2028, U+0085 and \\x1c are text inside JSON strings, and a
+    "\\r\\n" line ending is JSON whitespace."""
+    context = "Bob\u2028is sitting\x85 in\x1c Paris.\r\nAlice too."
+    lines = [json.dumps({"id": i, "question": "Who?", "context": context}, ensure_ascii=False) for i in range(2)]
+    source = tmp_path / "pairs.jsonl"
+    source.write_bytes("\r\n".join(lines).encode("utf-8") + b"\r\n")
+    status, out, err = run(capsys, "ask", "--model", tiny_checkpoint, "--input", source)
+    assert status == 0, err
+    records = [json.loads(line) for line in out.split("\n") if line]  # not splitlines: U+2028 is in the JSON
+    assert [r["id"] for r in records] == [0, 1]
+    for record in records:
+        assert record["answer"]["answer"] == context[record["answer"]["start"] : record["answer"]["end"]]
+
+
+def test_ask_jsonl_output_to_a_directory_exits_2(capsys, tmp_path, tiny_checkpoint):
+    source = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    status, _, err = run(capsys, "ask", "--model", tiny_checkpoint, "--input", source, "--output", tmp_path)
+    check_user_error(status, err, "directory")
+
+
+def test_ask_jsonl_to_stdout_with_top_k(capsys, tmp_path, tiny_checkpoint):
+    source = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    status, out, _ = run(capsys, "ask", "--model", tiny_checkpoint, "--input", source, "--top-k", "2")
+    assert status == 0
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r.get("id") for r in records] == ["first", None, 3]
+    assert all(isinstance(r["answer"], list) and 1 <= len(r["answer"]) <= 2 for r in records)
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "phrase"),
+    [
+        ('{"question": "Who?", "context": ', "not valid JSON"),
+        ({"question": "Who?"}, '"context"'),
+        ({"context": "Bob."}, '"question"'),
+        ({"question": "", "context": "Bob."}, "empty"),
+        ({"question": "Who?", "context": "  \t "}, "empty"),
+        ({"question": "Who?", "context": 42}, '"context"'),
+        (["Who?", "Bob."], "expected an object"),
+    ],
+    ids=["invalid-json", "missing-context", "missing-question", "empty-question", "blank-context", "int", "list"],
+)
+def test_ask_jsonl_bad_line_exits_2_naming_file_and_line(capsys, tmp_path, tiny_checkpoint, bad_line, phrase):
+    source = write_jsonl(tmp_path / "pairs.jsonl", [PAIRS[0], PAIRS[1], "", bad_line, PAIRS[3]])
+    target = tmp_path / "answers.jsonl"
+    target.write_text("previous answers\n", encoding="utf-8")
+    status, out, err = run(capsys, "ask", "--model", tiny_checkpoint, "--input", source, "--output", target)
+    check_user_error(status, err, f"{source}:4", phrase)
+    assert out == ""
+    assert target.read_text(encoding="utf-8") == "previous answers\n", "nothing is written before validation"
+
+
+def test_ask_jsonl_without_questions_exits_2(capsys, tmp_path, tiny_checkpoint):
+    source = write_jsonl(tmp_path / "pairs.jsonl", ["", "  "])
+    status, _, err = run(capsys, "ask", "--model", tiny_checkpoint, "--input", source)
+    check_user_error(status, err, "no question")
+
+
+def test_ask_jsonl_with_question_flag_exits_2(capsys, tmp_path, tiny_checkpoint):
+    source = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    status, _, err = run(capsys, "ask", "--model", tiny_checkpoint, "--input", source, "--question", "Who?")
+    check_user_error(status, err, "--question")
+
+
+def test_ask_jsonl_context_without_tokens_names_line_and_keeps_output(capsys, tmp_path, tiny_checkpoint):
+    source = write_jsonl(tmp_path / "pairs.jsonl", [PAIRS[0], {"question": "Who?", "context": "\u200b\u200c"}])
+    target = tmp_path / "answers.jsonl"
+    target.write_text("previous answers\n", encoding="utf-8")
+    status, _, err = run(capsys, "ask", "--model", tiny_checkpoint, "--input", source, "--output", target)
+    assert status == 2 and "Traceback" not in err
+    assert target.read_text(encoding="utf-8") == "previous answers\n"
+    assert f"{source}:2" in err
+
+
+# --------------------------------------------------------------------------- #
+# No weights, no network
+# --------------------------------------------------------------------------- #
+
+
+def test_ask_default_model_offline_exits_2_naming_download(capsys, offline):
+    status, out, err = run(capsys, "ask", "--question", "q", "--context", "c")
+    check_user_error(status, err, "distilqa download")
+    assert out == ""
+
+
+def test_download_offline_exits_2(capsys, offline):
+    status, out, err = run(capsys, "download")
+    check_user_error(status, err, "could not download", "distilbert/distilbert-base-cased-distilled-squad")
+    assert out == ""
+
+
+def test_real_command_offline_has_no_traceback(tmp_path):
+    weights = tmp_path / "empty-weights"
+    weights.mkdir()
+    env = {
+        **os.environ,
+        "DISTILQA_WEIGHTS_DIR": str(weights),
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    script = Path(sys.executable).with_name("distilqa")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "distilqa.cli"]
+    result = subprocess.run(
+        [*command, "ask", "--question", "q", "--context", "c"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "distilqa download" in result.stderr
+    assert result.stderr.startswith("distilqa: error: ")
+    assert result.stdout == ""
+
+
+# --------------------------------------------------------------------------- #
+# evaluate
+# --------------------------------------------------------------------------- #
+
+
+def test_evaluate_then_rescore_predictions(capsys, tmp_path, tiny_checkpoint, squad_file):
+    predictions = tmp_path / "preds.json"
+    status, out, _ = run(
+        capsys,
+        "evaluate",
+        "--model",
+        tiny_checkpoint,
+        "--data",
+        squad_file,
+        "--limit",
+        "5",
+        "--predictions-out",
+        predictions,
+    )
+    assert status == 0
+    scores = json.loads(out)
+    assert set(scores) == {"exact_match", "f1", "questions", "questions_per_second", "seconds"}
+    assert scores["questions"] == 5
+    assert 0.0 <= scores["exact_match"] <= scores["f1"] <= 100.0
+    assert scores["questions_per_second"] > 0 and scores["seconds"] >= 0
+    written = json.loads(predictions.read_text(encoding="utf-8"))
+    assert isinstance(written, dict) and sorted(written) == ["q1", "q2", "q3", "q4", "q5"]
+    assert all(isinstance(answer, str) and answer for answer in written.values())
+    contexts = {qa["id"]: p["context"] for a in SQUAD["data"] for p in a["paragraphs"] for qa in p["qas"]}
+    assert all(answer in contexts[key] for key, answer in written.items())
+
+    status, out, _ = run(capsys, "evaluate", "--predictions", predictions, "--data", squad_file, "--limit", "5")
+    assert status == 0
+    rescored = json.loads(out)
+    assert rescored["questions"] == 5 and rescored["missing"] == 0
+    assert round(rescored["exact_match"], 4) == scores["exact_match"]
+    assert round(rescored["f1"], 4) == scores["f1"]
+
+
+def test_evaluate_known_predictions(capsys, tmp_path, squad_file):
+    predictions = tmp_path / "preds.json"
+    predictions.write_text(
+        json.dumps({"q1": "Denver Broncos", "q2": "the Denver Broncos!", "q3": "Carolina", "q4": "Santa Clara"}),
+        encoding="utf-8",
+    )
+    status, out, _ = run(capsys, "evaluate", "--predictions", predictions, "--data", squad_file, "--limit", "5")
+    assert status == 0
+    scores = json.loads(out)
+    # q1, q2 exact; q3 F1 2/3 (1 of 2 gold tokens); q4 wrong; q5 missing.
+    assert scores == {"exact_match": 40.0, "f1": pytest.approx(100 * (2 + 2 / 3) / 5), "questions": 5, "missing": 1}
+
+
+@pytest.mark.skipif(not SQUAD_FILE.exists(), reason=f"SQuAD dev set not found at {SQUAD_FILE}")
+def test_evaluate_squad_zip(capsys, tmp_path, tiny_checkpoint):
+    predictions = tmp_path / "preds.json"
+    status, out, _ = run(
+        capsys,
+        "evaluate",
+        "--model",
+        tiny_checkpoint,
+        "--data",
+        SQUAD_FILE,
+        "--limit",
+        "5",
+        "--predictions-out",
+        predictions,
+    )
+    assert status == 0
+    scores = json.loads(out)
+    assert scores["questions"] == 5
+    assert len(json.loads(predictions.read_text(encoding="utf-8"))) == 5
+    status, out, _ = run(capsys, "evaluate", "--predictions", predictions, "--data", SQUAD_FILE, "--limit", "5")
+    assert status == 0
+    assert round(json.loads(out)["f1"], 4) == scores["f1"]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "phrase"),
+    [
+        (["--limit", "0"], "--limit"),
+        (["--data", "missing.json"], "missing.json"),
+        (["--predictions", "missing-preds.json"], "missing-preds.json"),
+    ],
+)
+def test_evaluate_bad_arguments_exit_2(capsys, tmp_path, monkeypatch, tiny_checkpoint, squad_file, arguments, phrase):
+    monkeypatch.chdir(tmp_path)
+    data = [] if "--data" in arguments else ["--data", str(squad_file)]
+    status, _, err = run(capsys, "evaluate", "--model", tiny_checkpoint, *data, *arguments)
+    check_user_error(status, err, phrase)
+
+
+def test_evaluate_bad_predictions_file_exits_2(capsys, tmp_path, squad_file):
+    predictions = tmp_path / "preds.json"
+    predictions.write_text('["not", "an", "object"]', encoding="utf-8")
+    status, _, err = run(capsys, "evaluate", "--predictions", predictions, "--data", squad_file)
+    check_user_error(status, err, "preds.json")
+
+
+# --------------------------------------------------------------------------- #
+# verify
+# --------------------------------------------------------------------------- #
+
+
+def test_verify_published_checkpoint_passes(capsys, published_checkpoint):
+    status, out, _ = run(capsys, "verify", "--model", published_checkpoint)
+    assert status == 0, out
+    assert "PASS" in out and "FAIL" not in out
+
+
+def test_verify_missing_checkpoint_exits_2(capsys, tmp_path):
+    status, _, err = run(capsys, "verify", "--model", tmp_path / "nowhere")
+    check_user_error(status, err, "nowhere")
+
+
+# --------------------------------------------------------------------------- #
+# argparse: help and unknown commands
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("command", ["download", "ask", "evaluate", "verify"])
+def test_subcommand_help(capsys, command):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: distilqa {command}")
+    assert "--help" in out
+
+
+def test_top_level_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(command in out for command in ("download", "ask", "evaluate", "verify"))
+
+
+@pytest.mark.parametrize("argv", [["frobnicate"], [], ["ask", "--no-such-option"], ["ask", "--top-k", "many"]])
+def test_bad_command_line_exits_2(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: distilqa") and "error:" in err
