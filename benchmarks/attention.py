@@ -179,6 +179,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "implementations": names,
             "repeats": args.repeats,
             "warmup": args.warmup,
+            "retries": args.retries,
+            "max_other_load": args.max_other_load,
             "threads": torch.get_num_threads(),
             "device": str(device),
             "timing": "interleaved round-robin over the implementations; "
@@ -262,7 +264,11 @@ def run_case(
             continue
         functions[name] = timed(implementations[name])
     print(f"[attention] {dtype_name} batch={batch} seq={seq} mask={mask} {mode}: timing {len(functions)}", flush=True)
-    timings = time_callables(functions, args.warmup, args.repeats, device) if functions else {}
+    timings = (
+        time_callables(functions, args.warmup, args.repeats, device, args.retries, args.max_other_load)
+        if functions
+        else {}
+    )
     flops = attention_flops(batch, seq, heads, HEAD_DIM, mode)
     for name, timing in timings.items():
         payload["results"].append(
@@ -372,7 +378,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_common_arguments(parser, default_repeats=20, default_warmup=3)  # --plot default: beside the JSON
+    add_common_arguments(
+        parser, default_repeats=20, default_warmup=3, plot_default="beside the JSON, .png", load_control=True
+    )
     parser.add_argument(
         "--shapes",
         default=None,

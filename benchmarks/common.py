@@ -95,8 +95,15 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- command line
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, default_repeats: int, default_warmup: int) -> None:
-    """Options every benchmark script takes."""
+def add_common_arguments(
+    parser: argparse.ArgumentParser,
+    default_repeats: int,
+    default_warmup: int,
+    plot_default: str = "no plot",
+    load_control: bool = False,
+) -> None:
+    """Options every benchmark script takes; with ``load_control``, also --max-other-load and
+    --retries for scripts that time with :func:`time_callables`."""
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     parser.add_argument(
         "--dtypes", default=None, help="comma list of fp32,fp16,bf16 (default: fp32 on CPU, all on CUDA)"
@@ -108,7 +115,16 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_repeats: int, 
     parser.add_argument(
         "--output", type=Path, default=None, help="JSON path (default benchmarks/results/<name>-<device>.json)"
     )
-    parser.add_argument("--plot", type=Path, default=None, help="PNG path for a plot (optional)")
+    parser.add_argument("--plot", type=Path, default=None, help=f"PNG path for a plot (default: {plot_default})")
+    if not load_control:
+        return
+    parser.add_argument(
+        "--max-other-load",
+        type=float,
+        default=0.15,
+        help="time a block again when other processes used more than this share of the CPUs meanwhile",
+    )
+    parser.add_argument("--retries", type=int, default=2, help="at most this many re-timings of a disturbed block")
 
 
 def setup(args: argparse.Namespace) -> tuple[torch.device, list[str]]:
@@ -164,15 +180,90 @@ def summarize(seconds: Sequence[float]) -> dict[str, float]:
     }
 
 
+def _cpu_seconds() -> tuple[float, float] | None:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process) so far; None off Linux."""
+    try:
+        import resource
+
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except (ImportError, OSError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = (int(f) for f in fields[:7])
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
+
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class OtherLoad:
+    """Measures the share of the machine's CPU time that *other* processes used between ``start()``
+    and ``stop()`` (0: none, 1: every core busy with other work); None where /proc/stat is missing."""
+
+    def start(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), _cpu_seconds()
+
+    def stop(self) -> float | None:
+        now = _cpu_seconds()
+        if self.cpu is None or now is None:
+            return None
+        wall = max(time.perf_counter() - self.wall, 1e-9)
+        others = (now[0] - self.cpu[0]) - (now[1] - self.cpu[1])
+        return min(1.0, max(0.0, others / (wall * _usable_cores())))
+
+
+def wait_for_idle(max_seconds: float, threshold: float, window: float = 2.0) -> float | None:
+    """Sleep in ``window``-second steps until other processes use less than ``threshold`` of the
+    machine (or ``max_seconds`` pass); returns the last measured share."""
+    load, deadline = None, time.monotonic() + max_seconds
+    while True:
+        meter = OtherLoad()
+        meter.start()
+        time.sleep(window)
+        load = meter.stop()
+        if load is None or load < threshold or time.monotonic() >= deadline:
+            return load
+
+
 def time_callables(
-    functions: dict[str, Callable[[], object]], warmup: int, repeats: int, device: torch.device
-) -> dict[str, dict[str, float]]:
+    functions: dict[str, Callable[[], object]],
+    warmup: int,
+    repeats: int,
+    device: torch.device,
+    retries: int = 0,
+    max_other_load: float = 1.0,
+) -> dict[str, dict[str, Any]]:
     """Time each function ``repeats`` times after ``warmup`` untimed calls, interleaved round-robin.
 
     CPU: ``time.perf_counter`` around each call. CUDA: a pair of CUDA events around each call
     (the GPU time between them), read after one synchronisation at the end.
-    Returns :func:`summarize` of each function's durations, by name.
+
+    On a shared machine other processes can take the cores mid-measurement; the share of the CPU
+    they used during the timed rounds is measured (``other_load``). When it exceeds
+    ``max_other_load``, the block is timed again (after waiting up to a minute for the machine to
+    quieten), up to ``retries`` times, keeping the least disturbed attempt.
+
+    Returns, by name, :func:`summarize` of the durations plus ``samples_ms`` (each round's time, in
+    round order, so rounds can be paired across functions), ``other_load`` and ``attempts``.
     """
+    best: dict[str, dict[str, Any]] | None = None
+    for attempt in range(1, retries + 2):
+        timings = _time_round_robin(functions, warmup, repeats, device)
+        load = next(iter(timings.values()))["other_load"] if timings else None
+        if best is None or (load is not None and load < best[next(iter(best))]["other_load"]):
+            best = timings
+        if load is None or load <= max_other_load or attempt == retries + 1:
+            break
+        wait_for_idle(60.0, max_other_load)
+    for stats in best.values():
+        stats["attempts"] = attempt
+    return best
+
+
+def _time_round_robin(
+    functions: dict[str, Callable[[], object]], warmup: int, repeats: int, device: torch.device
+) -> dict[str, dict[str, Any]]:
     cuda = device.type == "cuda"
     for _ in range(warmup):
         for function in functions.values():
@@ -183,6 +274,8 @@ def time_callables(
     gc.collect()
     gc_was_enabled = gc.isenabled()
     gc.disable()
+    meter = OtherLoad()
+    meter.start()
     try:
         for _ in range(repeats):
             for name, function in functions.items():
@@ -196,13 +289,24 @@ def time_callables(
                     begin = time.perf_counter()
                     function()
                     durations[name].append(time.perf_counter() - begin)
+        if cuda:
+            torch.cuda.synchronize(device)
     finally:
         if gc_was_enabled:
             gc.enable()
+    other_load = meter.stop()
     if cuda:
-        torch.cuda.synchronize(device)
         durations = {name: [s.elapsed_time(e) / 1000.0 for s, e in pairs] for name, pairs in durations.items()}
-    return {name: summarize(seconds) for name, seconds in durations.items()}
+    return {
+        name: {**summarize(seconds), "samples_ms": [1000.0 * t for t in seconds], "other_load": other_load}
+        for name, seconds in durations.items()
+    }
+
+
+def paired_ratio(numerator: dict[str, Any], denominator: dict[str, Any]) -> float:
+    """Median over rounds of numerator time / denominator time, pairing the calls made in the same
+    round of :func:`time_callables`: less sensitive to load that comes and goes than a ratio of medians."""
+    return statistics.median(a / b for a, b in zip(numerator["samples_ms"], denominator["samples_ms"]))
 
 
 # ---------------------------------------------------------------------------- output
@@ -247,7 +351,8 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def plot_panels(path: Path, panels: Sequence[dict[str, Any]], ylabel: str, title: str, columns: int = 2) -> Path:
     """Grouped bar charts, one panel each. A panel is a dict with ``title``, ``categories`` (x tick
     labels) and ``series``: {legend name: (values, lower, upper)} where lower/upper are the error
-    bar ends (or None); a value of None or NaN leaves a gap."""
+    bar ends (or None); a value of None or NaN leaves a gap. Optional: ``ylabel`` (overrides the
+    shared one), ``hline`` (a dashed horizontal reference line at that value)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -276,7 +381,9 @@ def plot_panels(path: Path, panels: Sequence[dict[str, Any]], ylabel: str, title
             categories, rotation=30 if len(categories) > 4 else 0, ha="right" if len(categories) > 4 else "center"
         )
         axis.set_title(panel["title"], fontsize=10)
-        axis.set_ylabel(ylabel)
+        axis.set_ylabel(panel.get("ylabel", ylabel))
+        if "hline" in panel:
+            axis.axhline(panel["hline"], color="gray", linestyle="--", linewidth=1)
         axis.grid(axis="y", alpha=0.3)
         axis.legend(fontsize=7)
     figure.suptitle(title, fontsize=11)

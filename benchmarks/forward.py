@@ -5,9 +5,9 @@ given configuration (the published one by default), saved with safetensors into 
 folder, and both libraries load that folder, in eval mode, timed under ``torch.inference_mode()``.
 Each attention implementation (eager, sdpa) of each library is timed, interleaved round-robin
 with a matmul reference: the GEMMs of one encoder layer run with ``torch.nn.functional.linear``
-at the same M = batch * seq on the same threads (4 x 768x768, 1 x 768x3072, 1 x 3072x768), the
-practical limit of a forward pass on this machine. Each forward's achieved GFLOP/s is reported,
-and as a fraction of that reference.
+(without bias: pure matrix products) at the same M = batch * seq on the same threads
+(4 x 768x768, 1 x 768x3072, 1 x 3072x768), the practical limit of a forward pass on this
+machine. Each forward's achieved GFLOP/s is reported, and as a fraction of that reference.
 
 FLOPs counted per forward: every linear layer 2*M*K*N (q, k, v, out, lin1, lin2 per layer, and
 the qa head) plus attention's two batched matmuls 2 * 2*batch*heads*seq*seq*head_dim per layer.
@@ -28,6 +28,7 @@ import dataclasses
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from benchmarks.common import (
     format_table,
     load_average,
     machine_info,
+    paired_ratio,
     parse_pairs,
     plot_panels,
     setup,
@@ -54,6 +56,7 @@ from benchmarks.common import (
     write_json,
 )
 from distilqa import DistilBertConfig, DistilBertForQuestionAnswering
+from distilqa.parity import save_reference_checkpoint
 
 DEFAULT_SHAPES = "1x128,1x384,8x384,32x128"
 SMALL_SHAPES = "1x16,2x32"
@@ -64,17 +67,6 @@ MASKS = ("ones", "none")
 
 
 # ---------------------------------------------------------------------------- models
-
-
-def save_reference_checkpoint(config: DistilBertConfig, directory: Path, seed: int = 0) -> Path:
-    """transformers' DistilBertForQuestionAnswering with random weights, saved with safetensors."""
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    torch.manual_seed(seed)
-    reference = transformers.DistilBertForQuestionAnswering(transformers.DistilBertConfig(**dataclasses.asdict(config)))
-    reference.eval().save_pretrained(directory, safe_serialization=True)
-    return directory
 
 
 def load_transformers(directory: Path, attn: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -96,6 +88,15 @@ def load_fast(directory: Path, device: torch.device, dtype: torch.dtype, **optio
     from distilqa.fast import optimize_for_inference
 
     return optimize_for_inference(load_distilqa(directory, "sdpa", device, dtype), **options)
+
+
+def load_compiled(directory: Path, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """torch.compile of the plain sdpa model (inductor, weights frozen as constants, one graph per
+    shape: dynamic=False). Compilation happens on the first call of each shape: see first_call_ms."""
+    import torch._inductor.config
+
+    torch._inductor.config.freezing = True
+    return torch.compile(load_distilqa(directory, "sdpa", device, dtype), dynamic=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +157,15 @@ VARIANTS: dict[str, Variant] = {
         default=False,
         cpu_only=True,
         fp32_only=True,
+    ),
+    "distilqa-compile": Variant(
+        "distilqa",
+        "sdpa",
+        load_compiled,
+        "transformers-sdpa",
+        "torch.compile(distilqa sdpa model, dynamic=False) with inductor freezing (opt-in; compile time in "
+        "first_call_ms)",
+        default=False,
     ),
 }
 
@@ -249,6 +259,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "masks": masks,
             "repeats": args.repeats,
             "warmup": args.warmup,
+            "retries": args.retries,
+            "max_other_load": args.max_other_load,
             "threads": torch.get_num_threads(),
             "device": str(device),
             "variants": {n: VARIANTS[n].description for n in names},
@@ -267,9 +279,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "matmul": [],
         "ratios": [],
         "skipped": [],
+        "profiles": [],
     }
     with tempfile.TemporaryDirectory(prefix="distilqa-bench-") as tmp:
-        checkpoint = save_reference_checkpoint(config, Path(tmp))
+        checkpoint = Path(save_reference_checkpoint(Path(tmp), config))
         for dtype_name in dtype_names:
             dtype = DTYPES[dtype_name]
             models = {}
@@ -306,15 +319,26 @@ def run_shape(
     reference, reference_flops = matmul_reference(config, batch * seq, device, DTYPES[dtype_name])
 
     with torch.inference_mode():
-        baseline = models.get("transformers-eager") or next(iter(models.values()))
-        expected = baseline(input_ids=input_ids, attention_mask=ones)
-        deviations = {}
-        for name, model in models.items():
-            got = model(input_ids=input_ids, attention_mask=ones)
-            deviations[name] = max(
-                (start_logits(got).float() - start_logits(expected).float()).abs().max().item(),
-                (end_logits(got).float() - end_logits(expected).float()).abs().max().item(),
-            )
+        baseline_name = "transformers-eager" if "transformers-eager" in models else next(iter(models))
+        outputs, first_call_ms = {}, {}
+        for name, model in list(models.items()):  # the first call of each shape (torch.compile compiles here)
+            begin = time.perf_counter()
+            try:
+                got = model(input_ids=input_ids, attention_mask=ones)
+            except (RuntimeError, ValueError, NotImplementedError) as error:  # e.g. a kernel missing for a dtype
+                payload["skipped"].append(
+                    {"variant": name, "dtype": dtype_name, "batch": batch, "seq": seq, "why": str(error)[:300]}
+                )
+                del models[name]  # for the following shapes too
+                continue
+            first_call_ms[name] = 1000 * (time.perf_counter() - begin)
+            outputs[name] = (start_logits(got).float(), end_logits(got).float())
+        if baseline_name not in outputs:
+            baseline_name = next(iter(outputs))
+        deviations = {
+            name: max((a - b).abs().max().item() for a, b in zip(output, outputs[baseline_name]))
+            for name, output in outputs.items()
+        }
         for mask in masks:
             attention_mask = ones if mask == "ones" else None
             functions: dict[str, Callable[[], object]] = {
@@ -325,7 +349,7 @@ def run_shape(
             print(
                 f"[forward] {dtype_name} batch={batch} seq={seq} mask={mask}: timing {len(functions)} cases", flush=True
             )
-            timings = time_callables(functions, args.warmup, args.repeats, device)
+            timings = time_callables(functions, args.warmup, args.repeats, device, args.retries, args.max_other_load)
 
             matmul_flops = reference_flops["matmul"]
             matmul_gflops = matmul_flops / (timings["matmul"]["median_ms"] / 1000) / 1e9
@@ -375,8 +399,13 @@ def run_shape(
                         "gflop_attention": flops["attention"] / 1e9,
                         "gflop_per_s": gflop_per_s,
                         "fraction_of_matmul": gflop_per_s / matmul_gflops,
-                        "max_abs_logit_diff_vs_"
-                        + ("transformers-eager" if "transformers-eager" in models else "first"): deviations[name],
+                        # the same, from each round's own times: median of (t_matmul / t_forward) * flop ratio
+                        "fraction_of_matmul_paired": paired_ratio(timings["matmul"], timing)
+                        * flops["total"]
+                        / matmul_flops,
+                        "first_call_ms": first_call_ms[name],
+                        "max_abs_logit_diff": deviations[name],
+                        "logit_diff_reference": baseline_name,
                     }
                 )
             for name in models:
@@ -393,11 +422,68 @@ def run_shape(
                         "transformers": other,
                         "speedup": timings[other]["median_ms"] / timings[name]["median_ms"],
                         "speedup_of_min": timings[other]["min_ms"] / timings[name]["min_ms"],
+                        "speedup_paired": paired_ratio(timings[other], timings[name]),
                     }
                 )
+        if args.profile and device.type == "cpu":
+            for name, model in models.items():
+                if VARIANTS[name].attn == "sdpa":
+                    breakdown = profile_breakdown(lambda m=model: m(input_ids=input_ids, attention_mask=ones))
+                    payload["profiles"].append(
+                        {"batch": batch, "seq": seq, "dtype": dtype_name, "variant": name, **breakdown}
+                    )
+
+
+# Which operators count as what in a profile (self CPU time on the calling thread, i.e. wall time).
+# "gemm" is the linear layers' matrix products; "copies" includes the bias broadcast F.linear does
+# before its addmm; "adds" the residual (and distilqa-fast's bias) additions.
+PROFILE_CATEGORIES = {
+    "gemm": ("aten::addmm", "aten::mm", "quantized::linear_dynamic", "mkl::_mkl_linear"),
+    "attention": (
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::bmm",
+        "aten::_softmax",
+        "aten::masked_fill",
+        "aten::baddbmm",
+        "aten::_safe_softmax",
+    ),
+    "LayerNorm": ("aten::native_layer_norm",),
+    "GELU": ("aten::gelu", "aten::gelu_"),
+    "adds": ("aten::add", "aten::add_"),
+    "copies": ("aten::copy_", "aten::clone", "aten::contiguous"),
+}
+
+
+def profile_breakdown(call: Callable[[], object], repeats: int = 2) -> dict[str, Any]:
+    """Where one forward's time goes: torch.profiler self CPU time per operator (per forward) and
+    grouped by PROFILE_CATEGORIES (what is left is "other")."""
+    from torch.profiler import ProfilerActivity, profile
+
+    call()
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for _ in range(repeats):
+            call()
+    events = [(e.key, e.self_cpu_time_total / 1000 / repeats) for e in profiler.key_averages()]
+    total = sum(ms for _, ms in events)
+    categories = {category: 0.0 for category in [*PROFILE_CATEGORIES, "other"]}
+    for key, ms in events:
+        category = next((c for c, ops in PROFILE_CATEGORIES.items() if key in ops), "other")
+        categories[category] += ms
+    events.sort(key=lambda item: -item[1])
+    return {
+        "profiled_ms_per_forward": total,
+        "categories": {c: {"ms": ms, "share": ms / total} for c, ms in categories.items()},
+        "top_ops": [{"op": key, "ms": ms, "share": ms / total} for key, ms in events[:10]],
+    }
 
 
 # ---------------------------------------------------------------------------- reporting
+
+
+def _load_note(timing: dict[str, Any]) -> str:
+    if timing.get("other_load") is None:
+        return ""
+    return f"(other processes: {100 * timing['other_load']:.0f}% of the CPUs; attempt {timing['attempts']})"
 
 
 def report(payload: dict[str, Any]) -> str:
@@ -429,7 +515,10 @@ def report(payload: dict[str, Any]) -> str:
                     t["iqr_ms"],
                     r["gflop_per_s"],
                     f"{100 * r['fraction_of_matmul']:.1f}%",
-                    f"{ratio['speedup']:.3f}x vs {ratio['transformers']}" if ratio else "",
+                    f"{100 * r['fraction_of_matmul_paired']:.1f}%",
+                    f"{ratio['speedup']:.3f}x" if ratio else "",
+                    f"{ratio['speedup_paired']:.3f}x" if ratio else "",
+                    ratio["transformers"] if ratio else "",
                 ]
             )
         t = m["timing"]
@@ -445,7 +534,10 @@ def report(payload: dict[str, Any]) -> str:
                 t["iqr_ms"],
                 m["gflop_per_s"],
                 "100%",
+                "100%",
                 "",
+                "",
+                _load_note(t),
             ]
         )
     headers = [
@@ -459,55 +551,94 @@ def report(payload: dict[str, Any]) -> str:
         "IQR ms",
         "GFLOP/s",
         "of matmul",
-        "speedup (transformers/distilqa)",
+        "(paired)",
+        "speedup",
+        "(paired)",
+        "speedup = time of",
     ]
     lines.append(format_table(headers, rows))
     lines.append(
         "GFLOP/s counts linear layers and attention matmuls; 'of matmul' divides by the F.linear throughput at "
-        "the model's own GEMM shapes, measured interleaved in the same run (matmul reference rows)."
+        "the model's own GEMM shapes, measured interleaved in the same run (matmul reference rows).\n"
+        "speedup = transformers' median / distilqa's median (> 1: distilqa faster); '(paired)' columns: the "
+        "median over rounds of the same ratio taken within each round (robust to load that comes and goes)."
     )
+    if any(r["variant"] == "distilqa-int8" for r in payload["results"]):
+        lines.append("distilqa-int8 computes in int8: its 'of matmul' is relative to the fp32 reference, not a limit.")
+    if payload["profiles"]:
+        lines.append("\nwhere the time goes (torch.profiler, self time per forward, mask of ones):")
+        names = list(payload["profiles"][0]["categories"])
+        rows = [
+            [
+                f"{p['batch']}x{p['seq']}",
+                p["variant"],
+                p["profiled_ms_per_forward"],
+                *(f"{100 * p['categories'][n]['share']:.1f}%" for n in names),
+            ]
+            for p in payload["profiles"]
+        ]
+        lines.append(format_table(["shape", "variant", "ms", *names], rows))
     if payload["skipped"]:
         lines.append("skipped: " + "; ".join(f"{s['variant']} {s['dtype']}: {s['why']}" for s in payload["skipped"]))
     return "\n".join(lines)
 
 
 def plot(payload: dict[str, Any], path: Path) -> Path:
+    """Per dtype and mask: achieved GFLOP/s of the fp32-exact variants beside the matmul reference,
+    and every distilqa variant's speedup over its transformers counterpart."""
+
+    def by_shape(rows: list[dict], shapes: list[tuple[int, int]], value: Callable[[dict], float]) -> list:
+        found = {(r["batch"], r["seq"]): r for r in rows}
+        return [value(found[s]) if s in found else None for s in shapes]
+
     panels = []
-    keys = sorted({(r["dtype"], r["mask"]) for r in payload["results"]}, key=str)
-    for dtype, mask in keys:
-        results = [r for r in payload["results"] if r["dtype"] == dtype and r["mask"] == mask]
-        shapes = sorted({(r["batch"], r["seq"]) for r in results}, key=lambda s: s[0] * s[1])
-        series: dict[str, tuple[list, list, list]] = {}
+    for dtype, mask in dict.fromkeys((r["dtype"], r["mask"]) for r in payload["results"]):
+        results = [r for r in payload["results"] if (r["dtype"], r["mask"]) == (dtype, mask)]
+        shapes = list(dict.fromkeys((r["batch"], r["seq"]) for r in results))
+        categories = [f"{b}x{s}" for b, s in shapes]
+        series: dict[str, tuple[list, list | None, list | None]] = {}
         for name in dict.fromkeys(r["variant"] for r in results):
-            values, lower, upper = [], [], []
-            for shape in shapes:
-                hit = [r for r in results if r["variant"] == name and (r["batch"], r["seq"]) == shape]
-                if not hit:
-                    values.append(None), lower.append(None), upper.append(None)
-                    continue
-                r = hit[0]
-                values.append(r["gflop_per_s"])
-                lower.append(r["gflop"] / (r["timing"]["q3_ms"] / 1000))
-                upper.append(r["gflop"] / (r["timing"]["q1_ms"] / 1000))
-            series[name] = (values, lower, upper)
-        matmul = {(m["batch"], m["seq"]): m for m in payload["matmul"] if m["dtype"] == dtype and m["mask"] == mask}
+            if name == "distilqa-int8":  # different arithmetic: only in the speedup panel
+                continue
+            rows = [r for r in results if r["variant"] == name]
+            series[name] = (
+                by_shape(rows, shapes, lambda r: r["gflop_per_s"]),
+                by_shape(rows, shapes, lambda r: r["gflop"] / (r["timing"]["q3_ms"] / 1000)),
+                by_shape(rows, shapes, lambda r: r["gflop"] / (r["timing"]["q1_ms"] / 1000)),
+            )
+        matmul = [m for m in payload["matmul"] if (m["dtype"], m["mask"]) == (dtype, mask)]
         series["matmul reference (F.linear)"] = (
-            [matmul[s]["gflop_per_s"] for s in shapes],
-            [matmul[s]["gflop"] / (matmul[s]["timing"]["q3_ms"] / 1000) for s in shapes],
-            [matmul[s]["gflop"] / (matmul[s]["timing"]["q1_ms"] / 1000) for s in shapes],
+            by_shape(matmul, shapes, lambda m: m["gflop_per_s"]),
+            by_shape(matmul, shapes, lambda m: m["gflop"] / (m["timing"]["q3_ms"] / 1000)),
+            by_shape(matmul, shapes, lambda m: m["gflop"] / (m["timing"]["q1_ms"] / 1000)),
         )
         panels.append(
             {
-                "title": f"{dtype}, attention_mask={mask}",
-                "categories": [f"{b}x{s}" for b, s in shapes],
+                "title": f"{dtype}, attention_mask={mask}: achieved GFLOP/s (whiskers: IQR)",
+                "categories": categories,
                 "series": series,
             }
         )
+        ratios = [r for r in payload["ratios"] if (r["dtype"], r["mask"]) == (dtype, mask)]
+        speedups = {
+            f"{name} / {next(r['transformers'] for r in ratios if r['distilqa'] == name)}": (
+                by_shape([r for r in ratios if r["distilqa"] == name], shapes, lambda r: r["speedup"]),
+                None,
+                None,
+            )
+            for name in dict.fromkeys(r["distilqa"] for r in ratios)
+        }
+        panels.append(
+            {
+                "title": f"{dtype}, attention_mask={mask}: speedup over transformers (medians)",
+                "categories": categories,
+                "series": speedups,
+                "ylabel": "speedup (x)",
+                "hline": 1.0,
+            }
+        )
     machine = payload["machine"]
-    title = (
-        f"DistilBERT QA forward, {machine['device_name']}, {payload['settings']['threads']} threads "
-        "(bars: median; whiskers: interquartile range)"
-    )
+    title = f"DistilBERT QA forward, {machine['device_name']}, {payload['settings']['threads']} threads"
     return plot_panels(path, panels, "achieved GFLOP/s", title)
 
 
@@ -515,7 +646,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_common_arguments(parser, default_repeats=10, default_warmup=2)
+    add_common_arguments(parser, default_repeats=10, default_warmup=2, load_control=True)
     parser.add_argument(
         "--shapes", default=None, help=f"batch x seq list (default {DEFAULT_SHAPES}; --small {SMALL_SHAPES})"
     )
@@ -526,7 +657,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="attention_mask given to every model: a tensor of ones, None, or both in turn",
     )
     parser.add_argument(
-        "--variants", default=None, help=f"comma list of {', '.join(VARIANTS)} (default: those but int8)"
+        "--variants",
+        default=None,
+        help=f"comma list of {', '.join(VARIANTS)} (default: {', '.join(n for n, v in VARIANTS.items() if v.default)})",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="CPU: also record where each sdpa variant's time goes (torch.profiler), per shape",
     )
     return parser.parse_args(argv)
 

@@ -152,7 +152,7 @@ class DistilBertModel(nn.Module):
         """Returns the last hidden state (batch, seq, dim), and the per-layer hidden states and
         attention maps that were asked for (empty tuples otherwise)."""
         key_mask = None
-        if attention_mask is not None:
+        if attention_mask is not None and not bool(attention_mask.all()):  # all ones masks nothing: skip it
             key_mask = attention_mask.bool()[:, None, None, :]  # (batch, 1, 1, seq): broadcast over heads, queries
         x = self.embeddings(input_ids)  # (batch, seq, dim)
         hidden_states, attentions = [x] if output_hidden_states else [], []

@@ -14,6 +14,7 @@ functions, never when this module is imported.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from distilqa.attention import AttentionFunction
+from distilqa.config import DistilBertConfig
 
 # Eager against eager runs the same operations in the same order, so fp32 is expected to agree
 # exactly; the tolerance only leaves room for other cores (sdpa picks its own kernels).
@@ -204,6 +206,21 @@ def _import_transformers() -> Any:
     except ImportError:
         raise ImportError(TRANSFORMERS_MISSING) from None
     return transformers
+
+
+def save_reference_checkpoint(
+    directory: str | os.PathLike, config: DistilBertConfig | None = None, seed: int = 0
+) -> os.PathLike:
+    """Build transformers' DistilBertForQuestionAnswering with random weights (seeded) at ``config``
+    (default: the published configuration) and save it with safetensors into ``directory``: the
+    stand-in for the real checkpoint in tests and benchmarks."""
+    transformers = _import_transformers()
+    transformers.utils.logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    values = dataclasses.asdict(config or DistilBertConfig())
+    reference = transformers.DistilBertForQuestionAnswering(transformers.DistilBertConfig(**values))
+    reference.eval().save_pretrained(directory, safe_serialization=True)
+    return directory
 
 
 def verify_checkpoint(

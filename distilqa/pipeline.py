@@ -30,15 +30,17 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Encoding
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
+from distilqa.fast import optimize_for_inference
 from distilqa.model import DistilBertForQuestionAnswering
 from distilqa.tokenization import QuestionContextTokenizer
 from distilqa.weights import DEFAULT_REPO_ID, resolve_checkpoint
 
 Answer = dict  # {"score": float, "start": int, "end": int, "answer": str}
 EXCLUDED_LOGIT = -10000.0  # the reference's value for tokens that cannot be in an answer
-PAIRS_PER_CHUNK = 1024  # pairs tokenized and decoded together; bounds memory on long inputs
+PAIRS_PER_CHUNK = 256  # pairs tokenized and decoded together: bounds memory, paces the progress bar
 
 
 @dataclass
@@ -57,9 +59,8 @@ class QuestionAnswerer:
     {'score': ..., 'start': 27, 'end': 32, 'answer': 'Paris'}
     """
 
-    def __init__(
-        self, model: DistilBertForQuestionAnswering, tokenizer: QuestionContextTokenizer, batch_size: int = 32
-    ):
+    def __init__(self, model: torch.nn.Module, tokenizer: QuestionContextTokenizer, batch_size: int = 32):
+        """``model``: a DistilBertForQuestionAnswering, or the module optimize_for_inference makes of one."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.model = model.eval()
@@ -75,12 +76,19 @@ class QuestionAnswerer:
         dtype: torch.dtype | None = None,
         batch_size: int = 32,
         attn_implementation: str = "sdpa",
+        fast: bool = True,
     ) -> QuestionAnswerer:
-        """Load model and tokenizer from a checkpoint folder or hub repo id (downloaded into weights/)."""
+        """Load model and tokenizer from a checkpoint folder or hub repo id (downloaded into weights/).
+
+        ``fast`` runs the model through :func:`distilqa.fast.optimize_for_inference` (fused QKV,
+        reused buffers; the same arithmetic, proven by the parity tests); ``fast=False`` runs the
+        readable model with the ``attn_implementation`` core."""
         directory = resolve_checkpoint(name_or_path, revision)
         model = DistilBertForQuestionAnswering.from_pretrained(
             directory, device=device, dtype=dtype, attn_implementation=attn_implementation
         )
+        if fast:
+            model = optimize_for_inference(model)
         return cls(model, QuestionContextTokenizer.from_pretrained(directory), batch_size)
 
     def __call__(
@@ -176,17 +184,20 @@ class QuestionAnswerer:
     @torch.inference_mode()
     def _run(self, batch: list[Window]) -> tuple[Tensor, Tensor, Tensor]:
         """Logits (batch, seq) in float32, and which tokens may be part of an answer (batch, seq)."""
-        longest = len(batch[0].encoding.ids)
-        pad, cls = self.tokenizer.pad_token_id, self.tokenizer.cls_token_id
+        lengths = [len(w.encoding.ids) for w in batch]
+        longest, pad, cls = max(lengths), self.tokenizer.pad_token_id, self.tokenizer.cls_token_id
         ids = torch.tensor([w.encoding.ids + [pad] * (longest - len(w.encoding.ids)) for w in batch])  # (batch, seq)
-        real = torch.tensor([[1] * len(w.encoding.ids) + [0] * (longest - len(w.encoding.ids)) for w in batch])
         context = torch.tensor(
             [[sid == 1 for sid in w.encoding.sequence_ids] + [False] * (longest - len(w.encoding.ids)) for w in batch]
         )  # (batch, seq)
-        # Padding work is skipped entirely when every window of the batch has the same length.
-        mask = None if bool(real.all()) else real.to(self.model.device)
-        output = self.model(ids.to(self.model.device), mask)
         allowed = context | (ids == cls)  # the reference keeps every CLS token, for "no answer"
+        device = self.model.device
+        if hasattr(self.model, "forward_packed"):  # the fast module: windows end to end, no padding work
+            packed = torch.tensor([token for w in batch for token in w.encoding.ids], device=device)  # (tokens,)
+            start, end = (logits.float().cpu().split(lengths) for logits in self.model.forward_packed(packed, lengths))
+            return pad_sequence(list(start), batch_first=True), pad_sequence(list(end), batch_first=True), allowed
+        real = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]  # (batch, seq)
+        output = self.model(ids.to(device), None if bool(real.all()) else real.to(device))
         return output.start_logits.float().cpu(), output.end_logits.float().cpu(), allowed
 
 

@@ -45,6 +45,17 @@ def build_wordpiece_tokenizer(vocab_file: str | os.PathLike, lowercase: bool = F
     return tokenizer
 
 
+def write_tokenizer_files(directory: str | os.PathLike, vocab_file: str | os.PathLike, lowercase: bool = False) -> None:
+    """Give a checkpoint folder the tokenizer files the published one has: ``vocab.txt``,
+    ``tokenizer_config.json`` and ``tokenizer.json``, built from ``vocab_file``."""
+    directory = Path(directory)
+    vocab = Path(vocab_file).read_bytes()
+    (directory / "vocab.txt").write_bytes(vocab)
+    config = {"do_lower_case": lowercase, "model_max_length": 512, "tokenizer_class": "BertTokenizer"}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    build_wordpiece_tokenizer(directory / "vocab.txt", lowercase).save(str(directory / "tokenizer.json"))
+
+
 @dataclass
 class QuestionContextTokenizer:
     """Splits (question, context) pairs into model windows: ``[CLS] question [SEP] context [SEP]``.

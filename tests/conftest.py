@@ -8,7 +8,6 @@ WordPiece vocabulary trained at test time, so a fresh clone still runs every par
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
@@ -21,8 +20,6 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 VOCAB_FILE = SHARED_DATA / "vocab" / "bert-base-cased-vocab.txt"
 SQUAD_FILE = SHARED_DATA / "squad" / "dev-v1.1.json.zip"
-PROJECT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "distilbert" / "distilbert-base-cased-distilled-squad"
-
 # The configuration of distilbert/distilbert-base-cased-distilled-squad.
 PUBLISHED_CONFIG = dict(
     vocab_size=28996,
@@ -36,34 +33,25 @@ PUBLISHED_CONFIG = dict(
 )
 
 
-def build_reference_model(seed: int = 0, **overrides):
-    """transformers' DistilBertForQuestionAnswering with random weights, in eval mode."""
-    import torch
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    torch.manual_seed(seed)
-    config = transformers.DistilBertConfig(**{**PUBLISHED_CONFIG, **overrides})
-    return transformers.DistilBertForQuestionAnswering(config).eval()
-
-
 def save_reference_checkpoint(directory: Path, seed: int = 0, **overrides) -> Path:
-    """Save a random reference model with safetensors into ``directory`` (config.json + model.safetensors)."""
-    build_reference_model(seed, **overrides).save_pretrained(directory, safe_serialization=True)
-    return directory
+    """A random transformers checkpoint (safetensors) at the published configuration with ``overrides``."""
+    from distilqa import DistilBertConfig
+    from distilqa.parity import save_reference_checkpoint as save
+
+    return save(directory, DistilBertConfig(**{**PUBLISHED_CONFIG, **overrides}), seed)
 
 
 def fallback_corpus(n_sentences: int = 3000) -> list[str]:
     """Deterministic English-like sentences to train a vocabulary when the real one is absent."""
-    words = (
-        "the of and to in a is was for on as with by he it at from his an were are which this be "
-        "or has had not first one their its new after who they have her she two been other when "
-        "there all during into school time may years more most only over city some world would "
-        "where later up such used many can state about national out known university united then "
-        "made through also century government between american before while war north south river "
-        "called three since team year part de however being well these people against both family "
-        "Paris London Denver Broncos Super Bowl Normandy Victoria Warsaw Amazon forest Tesla "
-        "energy water force oxygen computer science economic inequality Newcastle Harvard Luther"
+    words = (  # noqa: SIM905 (a paragraph reads better than a list of 150 strings)
+        "the of and to in a is was for on as with by he it at from his an were are which this be or "
+        "has had not first one their its new after who they have her she two been other when there "
+        "all during into school time may years more most only over city some world would where later "
+        "up such used many can state about national out known university united then made through "
+        "also century government between american before while war north south river called three "
+        "since team year part de however being well these people against both family Paris London "
+        "Denver Broncos Super Bowl Normandy Victoria Warsaw Amazon forest Tesla energy water force "
+        "oxygen computer science economic inequality Newcastle Harvard Luther "
     ).split()
     rng = random.Random(0)
     sentences = []
@@ -98,14 +86,9 @@ def write_vocab(path: Path) -> Path:
 
 def write_tokenizer_files(directory: Path) -> Path:
     """vocab.txt, tokenizer_config.json (cased) and tokenizer.json, as the published checkpoint has."""
-    from distilqa.tokenization import build_wordpiece_tokenizer
+    from distilqa.tokenization import write_tokenizer_files as write
 
-    vocab = write_vocab(directory / "vocab.txt")
-    (directory / "tokenizer_config.json").write_text(
-        json.dumps({"do_lower_case": False, "model_max_length": 512, "tokenizer_class": "BertTokenizer"}),
-        encoding="utf-8",
-    )
-    build_wordpiece_tokenizer(vocab, lowercase=False).save(str(directory / "tokenizer.json"))
+    write(directory, write_vocab(directory / "vocab.txt"), lowercase=False)
     return directory
 
 
@@ -114,6 +97,14 @@ def published_checkpoint(tmp_path_factory) -> Path:
     """A random checkpoint at the published configuration saved by transformers, plus tokenizer files:
     config.json, model.safetensors, vocab.txt, tokenizer_config.json, tokenizer.json."""
     return write_tokenizer_files(save_reference_checkpoint(tmp_path_factory.mktemp("published")))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random checkpoint (1 layer of width 32) with the same tokenizer files: for tests of the
+    pipeline's mechanics, where the model's size does not matter and speed does."""
+    directory = save_reference_checkpoint(tmp_path_factory.mktemp("tiny"), dim=32, n_layers=1, n_heads=2, hidden_dim=64)
+    return write_tokenizer_files(directory)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SQUAD_FILE, save_reference_checkpoint, write_tokenizer_files
+from conftest import SQUAD_FILE
 
 from distilqa.cli import main
 from distilqa.pipeline import QuestionAnswerer
@@ -74,13 +74,6 @@ SQUAD = {
         },
     ],
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("tiny")
-    save_reference_checkpoint(directory, dim=32, n_layers=1, n_heads=2, hidden_dim=64)
-    return write_tokenizer_files(directory)
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,9 @@ pipeline use the published-size random checkpoint with short inputs.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
-from conftest import fallback_corpus, save_reference_checkpoint, write_tokenizer_files
+from conftest import fallback_corpus
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -72,13 +71,6 @@ def check_ranked(answers: list, context: str, top_k: int, allow_empty: bool = Fa
 def answers_agree(a: dict, b: dict, tolerance: float) -> None:
     assert (a["answer"], a["start"], a["end"]) == (b["answer"], b["start"], b["end"])
     assert abs(a["score"] - b["score"]) <= tolerance, (a, b)
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("tiny")
-    save_reference_checkpoint(directory, dim=32, n_layers=1, n_heads=2, hidden_dim=64)
-    return write_tokenizer_files(directory)
 
 
 @pytest.fixture(scope="module")

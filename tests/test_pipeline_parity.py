@@ -18,8 +18,8 @@ import zipfile
 
 import pytest
 import torch
-
 from conftest import SQUAD_FILE
+
 from distilqa.pipeline import QuestionAnswerer
 
 SCORE_TOLERANCE = 1e-4
@@ -92,6 +92,18 @@ def as_list(result) -> list[dict]:
     return result if isinstance(result, list) else [result]
 
 
+def run_both(pipelines, pairs, options) -> None:
+    """Answer ``pairs`` with both pipelines and assert the parity target."""
+    ours, reference = pipelines
+    questions, contexts = [q for q, _ in pairs], [c for _, c in pairs]
+    ours_results = ours(questions, contexts, **options)
+    reference_results = reference(question=questions, context=contexts, **options)
+    identical, unexplained = compare(ours_results, reference_results, reference, pairs, options)
+    print(f"parity {options}: {identical}/{len(pairs)} identical (answer, start, end)")  # shown with pytest -s
+    assert not unexplained, "\n".join(unexplained)
+    assert identical / len(pairs) >= REQUIRED_IDENTICAL, f"{identical}/{len(pairs)} identical"
+
+
 def compare(ours_results, reference_results, reference, pairs, options) -> tuple[int, list[str]]:
     """Count identical cases; return unexplained mismatches. The reference returns a bare dict when it
     has one answer even for top_k > 1; ours always returns a list for top_k > 1 (README)."""
@@ -107,27 +119,26 @@ def compare(ours_results, reference_results, reference, pairs, options) -> tuple
         # differ from the reference's by less than the tolerance.
         wider = as_list(reference(question=question, context=context, **{**options, "top_k": options["top_k"] + 3}))
         scores = {(a["answer"], a["start"], a["end"]): a["score"] for a in wider}
-        explained = all(
-            (a["answer"], a["start"], a["end"]) in scores
-            and abs(scores[(a["answer"], a["start"], a["end"])] - a["score"]) <= SCORE_TOLERANCE
-            for a in ours
-        ) and abs(ours[0]["score"] - theirs[0]["score"]) <= SCORE_TOLERANCE
+        explained = (
+            all(
+                (a["answer"], a["start"], a["end"]) in scores
+                and abs(scores[(a["answer"], a["start"], a["end"])] - a["score"]) <= SCORE_TOLERANCE
+                for a in ours
+            )
+            and abs(ours[0]["score"] - theirs[0]["score"]) <= SCORE_TOLERANCE
+        )
         if not explained:
             unexplained.append(f"{question!r}: ours {ours} reference {theirs}")
     return identical, unexplained
 
 
-@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: f"top_k={o['top_k']}-impossible={o['handle_impossible_answer']}")
+@pytest.mark.parametrize(
+    "options", OPTIONS, ids=lambda o: f"top_k={o['top_k']}-impossible={o['handle_impossible_answer']}"
+)
 def test_parity_on_squad_dev_and_long_contexts(squad_articles, pipelines, options):
-    ours, reference = pipelines
     pairs = squad_pairs(squad_articles) + long_context_pairs(squad_articles)
     assert len(pairs) >= 540
-    questions, contexts = [q for q, _ in pairs], [c for _, c in pairs]
-    ours_results = ours(questions, contexts, **options)
-    reference_results = reference(question=questions, context=contexts, **options)
-    identical, unexplained = compare(ours_results, reference_results, reference, pairs, options)
-    assert not unexplained, "\n".join(unexplained)
-    assert identical / len(pairs) >= REQUIRED_IDENTICAL, f"{identical}/{len(pairs)} identical"
+    run_both(pipelines, pairs, options)
 
 
 def test_long_contexts_span_several_windows(squad_articles, pipelines):
@@ -141,12 +152,6 @@ def test_long_contexts_span_several_windows(squad_articles, pipelines):
 @pytest.mark.parametrize("max_seq_len, doc_stride", [(64, 16), (128, 48)])
 def test_parity_with_many_small_windows(squad_articles, pipelines, max_seq_len, doc_stride):
     """Small windows: every context spans many windows, so cross-window merging is exercised often."""
-    ours, reference = pipelines
-    pairs = squad_pairs(squad_articles, every=211)
-    options = dict(top_k=3, max_seq_len=max_seq_len, doc_stride=doc_stride)
-    questions, contexts = [q for q, _ in pairs], [c for _, c in pairs]
-    ours_results = ours(questions, contexts, **options)
-    reference_results = reference(question=questions, context=contexts, **options)
-    identical, unexplained = compare(ours_results, reference_results, reference, pairs, options)
-    assert not unexplained, "\n".join(unexplained)
-    assert identical / len(pairs) >= REQUIRED_IDENTICAL, f"{identical}/{len(pairs)} identical"
+    run_both(
+        pipelines, squad_pairs(squad_articles, every=211), dict(top_k=3, max_seq_len=max_seq_len, doc_stride=doc_stride)
+    )

@@ -279,8 +279,7 @@ def test_evaluate_matches_official(items: list[tuple[list[str], str | None]]) ->
         {
             "title": "T",
             "paragraphs": [
-                {"context": "", "qas": [{"id": q.id, "answers": [{"text": t} for t in q.answers]}]}
-                for q in questions
+                {"context": "", "qas": [{"id": q.id, "answers": [{"text": t} for t in q.answers]}]} for q in questions
             ],
         }
     ]
@@ -328,9 +327,7 @@ MINI_SQUAD = {
                 {"context": "no questions here", "qas": []},
                 {
                     "context": "東京は日本の首都です。",
-                    "qas": [
-                        {"id": "t1", "question": "首都は?", "answers": [{"text": "東京", "answer_start": 0}]}
-                    ],
+                    "qas": [{"id": "t1", "question": "首都は?", "answers": [{"text": "東京", "answer_start": 0}]}],
                 },
             ],
         },
@@ -436,15 +433,11 @@ def _mutated(mutate) -> dict:
             r"qas\[1\] has no 'id'",
         ),
         (
-            _mutated(
-                lambda d: d["data"][0]["paragraphs"][0]["qas"][0]["answers"][1].update(answer_start="17")
-            ),
+            _mutated(lambda d: d["data"][0]["paragraphs"][0]["qas"][0]["answers"][1].update(answer_start="17")),
             r"qas\[0\]\.answers\[1\]\.answer_start should be an integer, got str",
         ),
         (
-            _mutated(
-                lambda d: d["data"][0]["paragraphs"][0]["qas"][0]["answers"][0].update(answer_start=True)
-            ),
+            _mutated(lambda d: d["data"][0]["paragraphs"][0]["qas"][0]["answers"][0].update(answer_start=True)),
             r"answers\[0\]\.answer_start should be an integer, got bool",
         ),
         (

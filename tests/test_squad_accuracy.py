@@ -7,8 +7,8 @@ with the reference pipeline's decoding; distilqa must reproduce them within 0.1.
 from __future__ import annotations
 
 import pytest
-
 from conftest import SQUAD_FILE
+
 from distilqa.weights import DEFAULT_REPO_ID, weights_dir
 
 PUBLISHED_EXACT_MATCH = 79.5998
