@@ -228,14 +228,14 @@ def test_odd_text_with_published_model(published):
 def test_one_megabyte_context_is_answered_in_bounded_batches(tiny_checkpoint, monkeypatch):
     answerer = QuestionAnswerer.from_pretrained(tiny_checkpoint, batch_size=64)
     rows: list[int] = []
-    forward = answerer.model.forward
+    forward_packed = answerer.model.forward_packed
 
-    def recording_forward(input_ids, attention_mask=None, *args, **kwargs):
-        rows.append(input_ids.shape[0])
-        assert input_ids.shape[1] <= 384
-        return forward(input_ids, attention_mask, *args, **kwargs)
+    def recording_forward_packed(input_ids, lengths):
+        rows.append(len(lengths))
+        assert max(lengths) <= 384 and input_ids.numel() == sum(lengths)
+        return forward_packed(input_ids, lengths)
 
-    monkeypatch.setattr(answerer.model, "forward", recording_forward)
+    monkeypatch.setattr(answerer.model, "forward_packed", recording_forward_packed)
     text = " ".join(fallback_corpus())
     context = (text * (1_000_000 // len(text) + 1))[:1_000_000]
     assert len(context) == 1_000_000
@@ -308,17 +308,35 @@ def test_padding_does_not_change_answers(published):
             answers_agree(a, b, 1e-5)
 
 
-def test_padding_is_used_in_those_batches(published, monkeypatch):
+def test_windows_of_different_lengths_are_packed_without_padding(published, monkeypatch):
+    calls = []
+    forward_packed = published.model.forward_packed
+
+    def recording_forward_packed(input_ids, lengths):
+        calls.append((input_ids.numel(), list(lengths)))
+        return forward_packed(input_ids, lengths)
+
+    monkeypatch.setattr(published.model, "forward_packed", recording_forward_packed)
+    published(["Who?", "Who won?"], ["Bob.", SUPER_BOWL[:200]])
+    assert len(calls) == 1
+    tokens, lengths = calls[0]
+    assert len(set(lengths)) == 2 and tokens == sum(lengths)  # two lengths, not one padded length
+
+
+def test_readable_model_pads_and_masks(published_checkpoint, monkeypatch):
+    """With fast=False the readable model runs padded batches with an attention mask."""
+    readable = QuestionAnswerer.from_pretrained(published_checkpoint, fast=False)
     masks = []
-    forward = published.model.forward
+    forward = readable.model.forward
 
     def recording_forward(input_ids, attention_mask=None, *args, **kwargs):
         masks.append(attention_mask)
         return forward(input_ids, attention_mask, *args, **kwargs)
 
-    monkeypatch.setattr(published.model, "forward", recording_forward)
-    published(["Who?", "Who won?"], ["Bob.", SUPER_BOWL[:200]])
+    monkeypatch.setattr(readable.model, "forward", recording_forward)
+    answers = readable(["Who?", "Who won?"], ["Bob.", SUPER_BOWL[:200]])
     assert len(masks) == 1 and masks[0] is not None and not bool(masks[0].all())
+    check_answer(answers[0], "Bob.")
 
 
 # --------------------------------------------------------------------------- #
@@ -327,15 +345,16 @@ def test_padding_is_used_in_those_batches(published, monkeypatch):
 
 
 def test_handle_impossible_answer_can_return_the_empty_answer(tiny, monkeypatch):
-    forward = tiny.model.forward
+    forward_packed = tiny.model.forward_packed
 
-    def prefers_no_answer(input_ids, attention_mask=None, *args, **kwargs):
-        output = forward(input_ids, attention_mask, *args, **kwargs)
-        output.start_logits[:, 0] = 30.0  # the CLS token: "no answer"
-        output.end_logits[:, 0] = 30.0
-        return output
+    def prefers_no_answer(input_ids, lengths):
+        start, end = (logits.clone() for logits in forward_packed(input_ids, lengths))
+        first_tokens = [sum(lengths[:i]) for i in range(len(lengths))]  # each window's CLS: "no answer"
+        start[first_tokens] = 30.0
+        end[first_tokens] = 30.0
+        return start, end
 
-    monkeypatch.setattr(tiny.model, "forward", prefers_no_answer)
+    monkeypatch.setattr(tiny.model, "forward_packed", prefers_no_answer)
     answer = tiny("Who is the CEO?", "Alice is sitting on the bench.", handle_impossible_answer=True)
     assert {k: answer[k] for k in ("answer", "start", "end")} == {"answer": "", "start": 0, "end": 0}
     assert 0.99 < answer["score"] <= 1.0
