@@ -149,6 +149,7 @@ def test_long_contexts_span_several_windows(squad_articles, pipelines):
     assert min(counts) >= 2 and sum(counts) >= 2 * len(pairs), counts
 
 
+@pytest.mark.slow  # many full passes of the published-size model on both sides
 @pytest.mark.parametrize("max_seq_len, doc_stride", [(64, 16), (128, 48)])
 def test_parity_with_many_small_windows(squad_articles, pipelines, max_seq_len, doc_stride):
     """Small windows: every context spans many windows, so cross-window merging is exercised often."""
