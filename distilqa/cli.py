@@ -211,11 +211,6 @@ def read_pairs(path: Path) -> list[tuple[int, dict]]:
     return pairs
 
 
-def chunked(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 def _pair_index(error: ValueError) -> int:
     """The pair position that a pipeline error message names ("context 3 has no tokens"), else 0."""
     found = re.search(r"\b(?:question|context) (\d+)\b", str(error))

@@ -191,12 +191,12 @@ class QuestionAnswerer:
             [[sid == 1 for sid in w.encoding.sequence_ids] + [False] * (longest - len(w.encoding.ids)) for w in batch]
         )  # (batch, seq)
         allowed = context | (ids == cls)  # the reference keeps every CLS token, for "no answer"
+        real = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]  # (batch, seq): not padding
         device = self.model.device
         if hasattr(self.model, "forward_packed"):  # the fast module: windows end to end, no padding work
-            packed = torch.tensor([token for w in batch for token in w.encoding.ids], device=device)  # (tokens,)
+            packed = ids[real].to(device)  # (tokens,): the windows' ids, one after another
             start, end = (logits.float().cpu().split(lengths) for logits in self.model.forward_packed(packed, lengths))
             return pad_sequence(list(start), batch_first=True), pad_sequence(list(end), batch_first=True), allowed
-        real = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]  # (batch, seq)
         output = self.model(ids.to(device), None if bool(real.all()) else real.to(device))
         return output.start_logits.float().cpu(), output.end_logits.float().cpu(), allowed
 

@@ -105,8 +105,3 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     pipeline's mechanics, where the model's size does not matter and speed does."""
     directory = save_reference_checkpoint(tmp_path_factory.mktemp("tiny"), dim=32, n_layers=1, n_heads=2, hidden_dim=64)
     return write_tokenizer_files(directory)
-
-
-@pytest.fixture(scope="session")
-def real_vocab_used() -> bool:
-    return VOCAB_FILE.exists()
