@@ -2,7 +2,8 @@
 
 Answer for answer the same as the transformers question-answering pipeline (releases <= 5.2) for
 the same weights and tokenizer, but batched: windows of many questions are sorted by length,
-padded per batch, run under ``torch.inference_mode()``, and decoded with tensor code.
+laid end to end with no padding (or padded per batch, ``packed=False``), run through the model
+object it holds under ``torch.inference_mode()``, and decoded with tensor code.
 
 How an answer is chosen (as in the reference):
 1. Each context is cut into windows ``[CLS] question [SEP] context-part [SEP]`` overlapping by
@@ -33,7 +34,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
-from distilqa.fast import optimize_for_inference
+from distilqa.linear import quantize_int8
 from distilqa.model import DistilBertForQuestionAnswering
 from distilqa.tokenization import QuestionContextTokenizer
 from distilqa.weights import DEFAULT_REPO_ID, resolve_checkpoint
@@ -59,13 +60,23 @@ class QuestionAnswerer:
     {'score': ..., 'start': 27, 'end': 32, 'answer': 'Paris'}
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: QuestionContextTokenizer, batch_size: int = 32):
-        """``model``: a DistilBertForQuestionAnswering, or the module optimize_for_inference makes of one."""
-        if not isinstance(batch_size, int) or batch_size < 1:
+    def __init__(
+        self,
+        model: DistilBertForQuestionAnswering,
+        tokenizer: QuestionContextTokenizer,
+        batch_size: int = 32,
+        packed: bool = True,
+    ):
+        """``model`` is the model that answers: its modules, attention core and current parameters
+        run every call (nothing is copied). ``packed`` lays each batch's windows end to end with no
+        padding (``window_lengths``); ``packed=False`` pads them into a (batch, seq) tensor with an
+        attention mask. Both give the same logits within float32 rounding."""
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.packed = packed
 
     @classmethod
     def from_pretrained(
@@ -73,23 +84,40 @@ class QuestionAnswerer:
         name_or_path: str | os.PathLike = DEFAULT_REPO_ID,
         revision: str | None = None,
         device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: str | torch.dtype | None = None,
         batch_size: int = 32,
         attn_implementation: str = "sdpa",
-        fast: bool = True,
+        linear_backend: str = "auto",
+        packed: bool = True,
+        compile: bool = False,
+        quantize: str | None = None,
     ) -> QuestionAnswerer:
         """Load model and tokenizer from a checkpoint folder or hub repo id (downloaded into weights/).
 
-        ``fast`` runs the model through :func:`distilqa.fast.optimize_for_inference` (fused QKV,
-        reused buffers; the same arithmetic, proven by the parity tests); ``fast=False`` runs the
-        readable model with the ``attn_implementation`` core."""
+        ``dtype``: None / "float32" (the default; answers match the reference), "bfloat16",
+        "float16", or "auto" (bfloat16 where the hardware has it). ``attn_implementation`` and
+        ``linear_backend`` are set on the model (see DistilBertForQuestionAnswering); the default
+        "auto" backend runs float32 GEMMs on whichever library is measured faster here. ``compile``
+        runs :meth:`DistilBertForQuestionAnswering.compile_blocks` (the first calls are slow while
+        it compiles); ``quantize="int8"`` replaces the linear layers by int8 dynamically quantised
+        ones (CPU, float32; approximate)."""
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
         directory = resolve_checkpoint(name_or_path, revision)
         model = DistilBertForQuestionAnswering.from_pretrained(
-            directory, device=device, dtype=dtype, attn_implementation=attn_implementation
+            directory,
+            device=device,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            linear_backend=linear_backend,
         )
-        if fast:
-            model = optimize_for_inference(model)
-        return cls(model, QuestionContextTokenizer.from_pretrained(directory), batch_size)
+        if quantize == "int8":
+            if model.device.type != "cpu" or model.dtype != torch.float32:
+                raise ValueError("quantize='int8' needs a float32 model on the CPU (dtype float32, device cpu)")
+            quantize_int8(model)
+        if compile:
+            model.compile_blocks()
+        return cls(model, QuestionContextTokenizer.from_pretrained(directory), batch_size, packed)
 
     def __call__(
         self,
@@ -193,9 +221,10 @@ class QuestionAnswerer:
         allowed = context | (ids == cls)  # the reference keeps every CLS token, for "no answer"
         real = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]  # (batch, seq): not padding
         device = self.model.device
-        if hasattr(self.model, "forward_packed"):  # the fast module: windows end to end, no padding work
-            packed = ids[real].to(device)  # (tokens,): the windows' ids, one after another
-            start, end = (logits.float().cpu().split(lengths) for logits in self.model.forward_packed(packed, lengths))
+        if self.packed:  # windows end to end in one row: no work spent on padding
+            packed = ids[real][None, :].to(device)  # (1, tokens): the windows' ids, one after another
+            output = self.model(packed, window_lengths=lengths)  # logits (1, tokens)
+            start, end = (logits[0].float().cpu().split(lengths) for logits in (output.start_logits, output.end_logits))
             return pad_sequence(list(start), batch_first=True), pad_sequence(list(end), batch_first=True), allowed
         output = self.model(ids.to(device), None if bool(real.all()) else real.to(device))
         return output.start_logits.float().cpu(), output.end_logits.float().cpu(), allowed

@@ -228,14 +228,15 @@ def test_odd_text_with_published_model(published):
 def test_one_megabyte_context_is_answered_in_bounded_batches(tiny_checkpoint, monkeypatch):
     answerer = QuestionAnswerer.from_pretrained(tiny_checkpoint, batch_size=64)
     rows: list[int] = []
-    forward_packed = answerer.model.forward_packed
+    forward = answerer.model.forward
 
-    def recording_forward_packed(input_ids, lengths):
+    def recording_forward(input_ids, **kwargs):
+        lengths = kwargs["window_lengths"]
         rows.append(len(lengths))
         assert max(lengths) <= 384 and input_ids.numel() == sum(lengths)
-        return forward_packed(input_ids, lengths)
+        return forward(input_ids, **kwargs)
 
-    monkeypatch.setattr(answerer.model, "forward_packed", recording_forward_packed)
+    monkeypatch.setattr(answerer.model, "forward", recording_forward)
     text = " ".join(fallback_corpus())
     context = (text * (1_000_000 // len(text) + 1))[:1_000_000]
     assert len(context) == 1_000_000
@@ -294,8 +295,11 @@ def test_one_bad_pair_fails_the_whole_batch(tiny):
         tiny(good, [SUPER_BOWL, None])
 
 
-def test_padding_does_not_change_answers(published):
-    """A pair answered alone and in a batch of pairs of other lengths (so padded) gives the same answer."""
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_batching_does_not_change_answers(published, packed):
+    """A pair answered alone and in a batch of pairs of other lengths (padded, or packed end to end)
+    gives the same answer."""
+    published.packed = packed
     questions = ["Who?", "Where was HuggingFace founded ?", "Who won Super Bowl 50?", "What is sitting?"]
     contexts = ["Bob.", "HuggingFace was founded in Paris.", SUPER_BOWL, ODD_CONTEXTS["emoji"]]
     options = dict(top_k=2, max_seq_len=48, doc_stride=12)
@@ -310,13 +314,14 @@ def test_padding_does_not_change_answers(published):
 
 def test_windows_of_different_lengths_are_packed_without_padding(published, monkeypatch):
     calls = []
-    forward_packed = published.model.forward_packed
+    forward = published.model.forward
 
-    def recording_forward_packed(input_ids, lengths):
-        calls.append((input_ids.numel(), list(lengths)))
-        return forward_packed(input_ids, lengths)
+    def recording_forward(input_ids, **kwargs):
+        calls.append((input_ids.numel(), list(kwargs["window_lengths"])))
+        return forward(input_ids, **kwargs)
 
-    monkeypatch.setattr(published.model, "forward_packed", recording_forward_packed)
+    published.packed = True
+    monkeypatch.setattr(published.model, "forward", recording_forward)
     published(["Who?", "Who won?"], ["Bob.", SUPER_BOWL[:200]])
     assert len(calls) == 1
     tokens, lengths = calls[0]
@@ -324,8 +329,8 @@ def test_windows_of_different_lengths_are_packed_without_padding(published, monk
 
 
 def test_readable_model_pads_and_masks(published_checkpoint, monkeypatch):
-    """With fast=False the readable model runs padded batches with an attention mask."""
-    readable = QuestionAnswerer.from_pretrained(published_checkpoint, fast=False)
+    """With packed=False the windows run as a padded batch with an attention mask."""
+    readable = QuestionAnswerer.from_pretrained(published_checkpoint, packed=False)
     masks = []
     forward = readable.model.forward
 
@@ -345,16 +350,17 @@ def test_readable_model_pads_and_masks(published_checkpoint, monkeypatch):
 
 
 def test_handle_impossible_answer_can_return_the_empty_answer(tiny, monkeypatch):
-    forward_packed = tiny.model.forward_packed
+    forward = tiny.model.forward
 
-    def prefers_no_answer(input_ids, lengths):
-        start, end = (logits.clone() for logits in forward_packed(input_ids, lengths))
+    def prefers_no_answer(input_ids, **kwargs):
+        output = forward(input_ids, **kwargs)
+        lengths = kwargs["window_lengths"]
         first_tokens = [sum(lengths[:i]) for i in range(len(lengths))]  # each window's CLS: "no answer"
-        start[first_tokens] = 30.0
-        end[first_tokens] = 30.0
-        return start, end
+        output.start_logits[0, first_tokens] = 30.0
+        output.end_logits[0, first_tokens] = 30.0
+        return output
 
-    monkeypatch.setattr(tiny.model, "forward_packed", prefers_no_answer)
+    monkeypatch.setattr(tiny.model, "forward", prefers_no_answer)
     answer = tiny("Who is the CEO?", "Alice is sitting on the bench.", handle_impossible_answer=True)
     assert {k: answer[k] for k in ("answer", "start", "end")} == {"answer": "", "start": 0, "end": 0}
     assert 0.99 < answer["score"] <= 1.0

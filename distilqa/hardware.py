@@ -1,0 +1,75 @@
+"""What the machine at hand can do: CPU instruction sets, native bfloat16, and the dtype to use.
+
+Machines differ from one session to the next (Intel Xeons with AMX, AMD EPYCs with AVX512-BF16,
+AVX2-only machines where bfloat16 is emulated and slower than float32), so nothing is assumed:
+the flags are read from the operating system and ``dtype="auto"`` follows them.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+from pathlib import Path
+
+import torch
+
+# The ISA flags that decide which kernels are fast, as /proc/cpuinfo spells them.
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+@functools.cache
+def cpu_info() -> dict[str, object]:
+    """The CPU's model name and which of :data:`ISA_FLAGS` it has (Linux; elsewhere the flags are empty)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() == "model name":
+                model = value.strip()
+            elif name.strip() == "flags":
+                flags = set(value.split())
+                break
+    return {
+        "model": model,
+        "isa": {flag: flag in flags for flag in ISA_FLAGS},
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
+def has_native_bfloat16(device: torch.device | str = "cpu") -> bool:
+    """Whether matrix products in bfloat16 run natively: a CPU with AVX512-BF16 or AMX-BF16, or a CUDA
+    GPU of compute capability 8.0 (Ampere) or newer."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type == "cpu":
+        isa = cpu_info()["isa"]
+        return bool(isa["avx512_bf16"] or isa["amx_bf16"])
+    return False
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str = "cpu") -> torch.dtype:
+    """A torch dtype for ``dtype``: None means float32 (the exact mode, whose answers match the
+    reference); ``"auto"`` means bfloat16 where the hardware multiplies it natively, else float32."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not supported; use one of {', '.join(DTYPE_CHOICES)}")
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if has_native_bfloat16(device) else torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_CHOICES)}") from None
