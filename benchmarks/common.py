@@ -23,35 +23,14 @@ from typing import Any
 
 import torch
 
+from distilqa.config import DistilBertConfig
+from distilqa.hardware import cpu_info, has_native_bfloat16
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 # ---------------------------------------------------------------------------- the machine
-
-
-def cpu_model() -> str:
-    """The CPU's ``model name`` from /proc/cpuinfo (falls back to platform.processor())."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_flags() -> list[str]:
-    """The SIMD / matrix extensions of interest that /proc/cpuinfo lists."""
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                present = set(line.split(":", 1)[1].split())
-                return [flag for flag in wanted if flag in present]
-    except OSError:
-        pass
-    return []
 
 
 def load_average() -> list[float] | None:
@@ -66,10 +45,13 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     """Everything needed to tell where and how a result was measured."""
     import transformers
 
+    cpu = cpu_info()
     info: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_model": cpu_model(),
-        "cpu_flags": cpu_flags(),
+        "cpu_model": cpu["model"],
+        "cpu_flags": [flag for flag, present in cpu["isa"].items() if present],
+        "isa": cpu["isa"],
+        "native_bfloat16": has_native_bfloat16(device),
         "logical_cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -82,7 +64,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "transformers": transformers.__version__,
         "platform": platform.platform(),
         "device": str(device),
-        "device_name": cpu_model(),
+        "device_name": cpu["model"],
         "load_average_at_start": load_average(),
     }
     if device.type == "cuda":
@@ -156,6 +138,19 @@ def parse_pairs(text: str) -> list[tuple[int, int]]:
             raise SystemExit(f"cannot read {item!r} as AxB with positive integers, e.g. 8x384")
         pairs.append((int(first), int(second)))
     return pairs
+
+
+# ---------------------------------------------------------------------------- work
+
+
+def window_flops(config: DistilBertConfig, length: int) -> dict[str, int]:
+    """FLOPs of one window of ``length`` tokens through the model: every linear layer 2*M*K*N (q, k,
+    v, out, lin1, lin2 per layer, and the qa head) and attention's two matmuls 2*2*heads*L*L*head_dim
+    per layer. Embeddings, LayerNorm, GELU, softmax and bias additions are not counted."""
+    per_token = 2 * (4 * config.dim * config.dim + 2 * config.dim * config.hidden_dim)
+    linear = config.n_layers * per_token * length + 2 * length * config.dim * 2
+    attention = config.n_layers * 2 * 2 * config.n_heads * length * length * config.head_dim
+    return {"linear": linear, "attention": attention, "total": linear + attention}
 
 
 # ---------------------------------------------------------------------------- timing

@@ -1,13 +1,16 @@
-"""Forward-pass speed of distilqa's DistilBertForQuestionAnswering against transformers'.
+"""Forward-pass speed of distilqa's DistilBertForQuestionAnswering against transformers', ONNX Runtime
+and OpenVINO.
 
-Both models hold the same weights: transformers' model is built with random weights at the
+All models hold the same weights: transformers' model is built with random weights at the
 given configuration (the published one by default), saved with safetensors into a temporary
 folder, and both libraries load that folder, in eval mode, timed under ``torch.inference_mode()``.
 Each attention implementation (eager, sdpa) of each library is timed, interleaved round-robin
-with a matmul reference: the GEMMs of one encoder layer run with ``torch.nn.functional.linear``
-(without bias: pure matrix products) at the same M = batch * seq on the same threads
-(4 x 768x768, 1 x 768x3072, 1 x 3072x768), the practical limit of a forward pass on this
-machine. Each forward's achieved GFLOP/s is reported, and as a fraction of that reference.
+with the peers (transformers' model exported to ONNX and run by ONNX Runtime and by OpenVINO in
+fp32, ``benchmarks/peers.py``) and with a matmul reference per GEMM library: the GEMMs of one
+encoder layer (4 x 768x768, 1 x 768x3072, 1 x 3072x768, without bias: pure matrix products) at the
+same M = batch * seq on the same threads, through ``F.linear`` (MKL for fp32 on the CPU) and
+through oneDNN. The faster of the two is the practical limit of a forward pass on this machine.
+Each forward's achieved GFLOP/s is reported, and as a fraction of that best reference.
 
 FLOPs counted per forward: every linear layer 2*M*K*N (q, k, v, out, lin1, lin2 per layer, and
 the qa head) plus attention's two batched matmuls 2 * 2*batch*heads*seq*seq*head_dim per layer.
@@ -53,9 +56,12 @@ from benchmarks.common import (
     plot_panels,
     setup,
     time_callables,
+    window_flops,
     write_json,
 )
+from benchmarks.peers import PEERS, export_reference_onnx
 from distilqa import DistilBertConfig, DistilBertForQuestionAnswering
+from distilqa.linear import fastest_linear_backend, onednn_available, quantize_int8
 from distilqa.parity import save_reference_checkpoint
 
 DEFAULT_SHAPES = "1x128,1x384,8x384,32x128"
@@ -84,24 +90,37 @@ def load_distilqa(directory: Path, attn: str, device: torch.device, dtype: torch
     )
 
 
-def load_fast(directory: Path, device: torch.device, dtype: torch.dtype, **options: Any) -> torch.nn.Module:
-    from distilqa.fast import optimize_for_inference
-
-    return optimize_for_inference(load_distilqa(directory, "sdpa", device, dtype), **options)
+def load_distilqa_with(
+    directory: Path, device: torch.device, dtype: torch.dtype, backend: str = "aten", int8: bool = False
+) -> torch.nn.Module:
+    """The sdpa model with its linear layers on ``backend`` (and int8-quantised with ``int8``)."""
+    model = load_distilqa(directory, "sdpa", device, dtype)
+    if int8:
+        quantize_int8(model.distilbert.transformer)  # the layers; the small head stays float32
+    else:
+        model.set_linear_backend(backend)
+    return model
 
 
 def load_compiled(directory: Path, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """torch.compile of the plain sdpa model (inductor, weights frozen as constants, one graph per
-    shape: dynamic=False). Compilation happens on the first call of each shape: see first_call_ms."""
-    import torch._inductor.config
+    """The sdpa model with ``compile_blocks()`` (dynamic shapes; parameters stay live, no freezing).
+    Compilation happens on the first call: see first_call_ms."""
+    model = load_distilqa(directory, "sdpa", device, dtype)
+    model.compile_blocks()
+    return model
 
-    torch._inductor.config.freezing = True
-    return torch.compile(load_distilqa(directory, "sdpa", device, dtype), dynamic=False)
+
+def load_peer(name: str, directory: Path) -> torch.nn.Module:
+    """A peer runtime on transformers' model exported once per run to ``directory/reference.onnx``."""
+    onnx_path = directory / "reference.onnx"
+    if not onnx_path.exists():
+        export_reference_onnx(directory, onnx_path)
+    return PEERS[name](onnx_path, torch.get_num_threads())
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    library: str  # "transformers" or "distilqa"
+    library: str  # "transformers", "distilqa", "onnxruntime" or "openvino"
     attn: str  # the attention core: "eager" or "sdpa"
     load: Callable[[Path, torch.device, torch.dtype], torch.nn.Module]
     compare_with: str  # the transformers variant its speed ratio is taken against
@@ -126,6 +145,24 @@ VARIANTS: dict[str, Variant] = {
         "transformers-sdpa",
         "transformers, attn_implementation='sdpa'",
     ),
+    "onnxruntime": Variant(
+        "onnxruntime",
+        "onnx",
+        lambda d, dev, dt: load_peer("onnxruntime", d),
+        "onnxruntime",
+        "transformers' model exported with torch.onnx.export, run by ONNX Runtime (CPU provider, fp32)",
+        cpu_only=True,
+        fp32_only=True,
+    ),
+    "openvino": Variant(
+        "openvino",
+        "onnx",
+        lambda d, dev, dt: load_peer("openvino", d),
+        "openvino",
+        "the same ONNX file run by OpenVINO on the CPU in fp32 (INFERENCE_PRECISION_HINT=f32)",
+        cpu_only=True,
+        fp32_only=True,
+    ),
     "distilqa-eager": Variant(
         "distilqa",
         "eager",
@@ -140,20 +177,22 @@ VARIANTS: dict[str, Variant] = {
         "transformers-sdpa",
         "distilqa, attn_implementation='sdpa'",
     ),
-    "distilqa-fast": Variant(
+    "distilqa-onednn": Variant(
         "distilqa",
         "sdpa",
-        lambda d, dev, dt: load_fast(d, dev, dt),
+        lambda d, dev, dt: load_distilqa_with(d, dev, dt, backend="onednn"),
         "transformers-sdpa",
-        "distilqa.fast.optimize_for_inference(model): fused QKV projection, same fp32 math (opt-in)",
+        "distilqa sdpa with model.set_linear_backend('onednn'): fp32 GEMMs through oneDNN (what 'auto' picks "
+        "where it is measured faster)",
+        cpu_only=True,
     ),
     "distilqa-int8": Variant(
         "distilqa",
         "sdpa",
-        lambda d, dev, dt: load_fast(d, dev, dt, quantize="int8"),
+        lambda d, dev, dt: load_distilqa_with(d, dev, dt, int8=True),
         "transformers-sdpa",
-        "distilqa.fast.optimize_for_inference(model, quantize='int8'): int8 dynamic quantisation of the "
-        "linear layers (opt-in, CPU; approximate: see max_abs_logit_diff)",
+        "distilqa sdpa with distilqa.linear.quantize_int8 on its layers: int8 dynamic quantisation of the linear "
+        "layers (opt-in, CPU; approximate: see max_abs_logit_diff)",
         default=False,
         cpu_only=True,
         fp32_only=True,
@@ -163,8 +202,8 @@ VARIANTS: dict[str, Variant] = {
         "sdpa",
         load_compiled,
         "transformers-sdpa",
-        "torch.compile(distilqa sdpa model, dynamic=False) with inductor freezing (opt-in; compile time in "
-        "first_call_ms)",
+        "distilqa sdpa with model.compile_blocks(): torch.compile of each block, dynamic shapes (opt-in; "
+        "compile time in first_call_ms)",
         default=False,
     ),
 }
@@ -179,22 +218,18 @@ def layer_gemms(config: DistilBertConfig) -> list[tuple[int, int, int]]:
 
 
 def forward_flops(config: DistilBertConfig, batch: int, seq: int) -> dict[str, int]:
-    """FLOPs of one forward pass, split into linear layers and attention's batched matmuls."""
-    tokens = batch * seq
-    per_layer_linear = sum(2 * tokens * k * n * count for k, n, count in layer_gemms(config))
-    per_layer_attention = 2 * 2 * batch * config.n_heads * seq * seq * config.head_dim
-    linear = config.n_layers * per_layer_linear + 2 * tokens * config.dim * 2  # + the qa head
-    attention = config.n_layers * per_layer_attention
-    return {"linear": linear, "attention": attention, "total": linear + attention}
+    """FLOPs of one forward pass of ``batch`` windows of ``seq`` tokens (see common.window_flops)."""
+    return {name: batch * flops for name, flops in window_flops(config, seq).items()}
 
 
 def matmul_reference(
     config: DistilBertConfig, tokens: int, device: torch.device, dtype: torch.dtype
 ) -> tuple[dict[str, Callable[[], object]], dict[str, int]]:
-    """Callables running one layer's GEMMs with F.linear at M=tokens, each returning nothing:
-    ``"matmul"`` all of them in their per-layer proportions, without bias (pure matrix products:
-    the reference); ``"matmul+bias"`` the same with bias, as the model's layers do; and
-    ``"gemm KxN"`` each shape alone, without bias. Returns them and their FLOPs."""
+    """Callables running one layer's GEMMs at M=tokens, each returning nothing: ``"matmul"`` all of
+    them in their per-layer proportions with F.linear, without bias (pure matrix products);
+    ``"matmul onednn"`` the same through oneDNN (CPU fp32, where available); ``"matmul+bias"`` the
+    F.linear one with bias, as the model's layers do; and ``"gemm KxN"`` each shape alone with
+    F.linear, without bias. Returns them and their FLOPs."""
     generator = torch.Generator().manual_seed(1)
 
     def randn(*shape: int) -> torch.Tensor:
@@ -203,20 +238,26 @@ def matmul_reference(
     inputs = {k: randn(tokens, k) for k in {k for k, _, _ in layer_gemms(config)}}
     weights = {(k, n): (randn(n, k) * k**-0.5, randn(n)) for k, n, _ in layer_gemms(config)}
 
-    def gemms(shapes: list[tuple[int, int, int]], bias: bool) -> Callable[[], object]:
+    def onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+    def gemms(shapes: list[tuple[int, int, int]], bias: bool, linear: Callable = F.linear) -> Callable[[], object]:
         work = [(inputs[k], weights[(k, n)][0], weights[(k, n)][1] if bias else None, count) for k, n, count in shapes]
 
         def run() -> None:
             for x, w, b, count in work:
                 for _ in range(count):
-                    F.linear(x, w, b)
+                    linear(x, w, b)
 
         return run
 
     functions = {"matmul": gemms(layer_gemms(config), bias=False), "matmul+bias": gemms(layer_gemms(config), bias=True)}
-    functions.update({f"gemm {k}x{n}": gemms([(k, n, 1)], bias=False) for k, n, _ in layer_gemms(config)})
     per_layer = sum(2 * tokens * k * n * c for k, n, c in layer_gemms(config))
     flops = {"matmul": per_layer, "matmul+bias": per_layer}
+    if device.type == "cpu" and dtype == torch.float32 and onednn_available():
+        functions["matmul onednn"] = gemms(layer_gemms(config), bias=False, linear=onednn_linear)
+        flops["matmul onednn"] = per_layer
+    functions.update({f"gemm {k}x{n}": gemms([(k, n, 1)], bias=False) for k, n, _ in layer_gemms(config)})
     flops.update({f"gemm {k}x{n}": 2 * tokens * k * n for k, n, _ in layer_gemms(config)})
     return functions, flops
 
@@ -273,7 +314,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "with bias, as the model's layers) at M = batch*seq, per encoder layer: "
             + ", ".join(f"{c} x {k}x{n}" for k, n, c in layer_gemms(config)),
             "speedup": "time of the transformers variant / time of the distilqa variant, medians of the same run "
-            "(> 1: distilqa is faster)",
+            "(> 1: distilqa is faster); speedup_vs_strongest_peer: the same against the fastest non-distilqa "
+            "variant of that shape (transformers, ONNX Runtime, OpenVINO)",
+            "linear_backend_auto": fastest_linear_backend() if device.type == "cpu" else "aten",
         },
         "results": [],
         "matmul": [],
@@ -352,7 +395,13 @@ def run_shape(
             timings = time_callables(functions, args.warmup, args.repeats, device, args.retries, args.max_other_load)
 
             matmul_flops = reference_flops["matmul"]
-            matmul_gflops = matmul_flops / (timings["matmul"]["median_ms"] / 1000) / 1e9
+            library_gflops = {
+                name: matmul_flops / (timings[name]["median_ms"] / 1000) / 1e9
+                for name in ("matmul", "matmul onednn")
+                if name in timings
+            }
+            best_matmul = max(library_gflops, key=library_gflops.get)  # the fastest GEMM library here
+            matmul_gflops = library_gflops[best_matmul]
             payload["matmul"].append(
                 {
                     "batch": batch,
@@ -361,8 +410,13 @@ def run_shape(
                     "dtype": dtype_name,
                     "mask": mask,
                     "gflop": matmul_flops / 1e9,
-                    "timing": timings["matmul"],
+                    "timing": timings[best_matmul],
                     "gflop_per_s": matmul_gflops,
+                    "best_library": "onednn" if best_matmul == "matmul onednn" else "F.linear",
+                    "gflop_per_s_by_library": {
+                        "onednn" if name == "matmul onednn" else "F.linear": value
+                        for name, value in library_gflops.items()
+                    },
                     "with_bias": {
                         "timing": timings["matmul+bias"],
                         "gflop_per_s": matmul_flops / (timings["matmul+bias"]["median_ms"] / 1000) / 1e9,
@@ -400,7 +454,7 @@ def run_shape(
                         "gflop_per_s": gflop_per_s,
                         "fraction_of_matmul": gflop_per_s / matmul_gflops,
                         # the same, from each round's own times: median of (t_matmul / t_forward) * flop ratio
-                        "fraction_of_matmul_paired": paired_ratio(timings["matmul"], timing)
+                        "fraction_of_matmul_paired": paired_ratio(timings[best_matmul], timing)
                         * flops["total"]
                         / matmul_flops,
                         "first_call_ms": first_call_ms[name],
@@ -408,6 +462,8 @@ def run_shape(
                         "logit_diff_reference": baseline_name,
                     }
                 )
+            peers = [name for name in models if VARIANTS[name].library != "distilqa"]
+            strongest = min(peers, key=lambda name: timings[name]["median_ms"]) if peers else None
             for name in models:
                 other = VARIANTS[name].compare_with
                 if VARIANTS[name].library != "distilqa" or other not in timings:
@@ -423,6 +479,9 @@ def run_shape(
                         "speedup": timings[other]["median_ms"] / timings[name]["median_ms"],
                         "speedup_of_min": timings[other]["min_ms"] / timings[name]["min_ms"],
                         "speedup_paired": paired_ratio(timings[other], timings[name]),
+                        "strongest_peer": strongest,
+                        "speedup_vs_strongest_peer": timings[strongest]["median_ms"] / timings[name]["median_ms"],
+                        "speedup_vs_strongest_peer_paired": paired_ratio(timings[strongest], timings[name]),
                     }
                 )
         if args.profile and device.type == "cpu":
@@ -436,7 +495,7 @@ def run_shape(
 
 # Which operators count as what in a profile (self CPU time on the calling thread, i.e. wall time).
 # "gemm" is the linear layers' matrix products; "copies" includes the bias broadcast F.linear does
-# before its addmm; "adds" the residual (and distilqa-fast's bias) additions.
+# before its addmm; "adds" the residual additions.
 PROFILE_CATEGORIES = {
     "gemm": ("aten::addmm", "aten::mm", "quantized::linear_dynamic", "mkl::_mkl_linear"),
     "attention": (
@@ -519,6 +578,8 @@ def report(payload: dict[str, Any]) -> str:
                     f"{ratio['speedup']:.3f}x" if ratio else "",
                     f"{ratio['speedup_paired']:.3f}x" if ratio else "",
                     ratio["transformers"] if ratio else "",
+                    f"{ratio['speedup_vs_strongest_peer']:.3f}x {ratio['strongest_peer']}" if ratio else "",
+                    f"{r['max_abs_logit_diff']:.1e}",
                 ]
             )
         t = m["timing"]
@@ -536,6 +597,8 @@ def report(payload: dict[str, Any]) -> str:
                 "100%",
                 "100%",
                 "",
+                "",
+                m["best_library"],
                 "",
                 _load_note(t),
             ]
@@ -555,6 +618,8 @@ def report(payload: dict[str, Any]) -> str:
         "speedup",
         "(paired)",
         "speedup = time of",
+        "vs fastest peer",
+        "logit diff",
     ]
     lines.append(format_table(headers, rows))
     lines.append(

@@ -123,7 +123,7 @@ def sdpa_attention(
         raise ValueError("the sdpa core does not return attention weights; use attn_implementation='eager'")
     if mask is not None:
         # A sequence whose keys are all padding would make SDPA's softmax 0/0 = NaN; let it attend
-        # to every key instead, which gives the eager core's uniform weights over the same keys.
+        # to every key instead, as if unmasked (finite; its outputs are padding, never read).
         mask = mask | ~mask.any(dim=-1, keepdim=True)  # (batch, 1, 1, seq)
     context = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p)
     return context, None  # (batch, heads, seq, head_dim)

@@ -364,11 +364,11 @@ class DistilBertForQuestionAnswering(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.qa_outputs.weight.device
+        return self.distilbert.embeddings.word_embeddings.weight.device  # embeddings: never quantised or swapped
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.qa_outputs.weight.dtype
+        return self.distilbert.embeddings.word_embeddings.weight.dtype
 
     @classmethod
     def from_pretrained(

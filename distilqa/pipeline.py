@@ -23,9 +23,12 @@ How an answer is chosen (as in the reference):
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -39,9 +42,28 @@ from distilqa.model import DistilBertForQuestionAnswering
 from distilqa.tokenization import QuestionContextTokenizer
 from distilqa.weights import DEFAULT_REPO_ID, resolve_checkpoint
 
-Answer = dict  # {"score": float, "start": int, "end": int, "answer": str}
 EXCLUDED_LOGIT = -10000.0  # the reference's value for tokens that cannot be in an answer
 PAIRS_PER_CHUNK = 256  # pairs tokenized and decoded together: bounds memory, paces the progress bar
+
+
+class Answer(TypedDict):
+    """One answer: ``answer == context[start:end]``; ``score`` is its probability (summed over equal
+    answers, see the module docstring). The empty answer is ``{"answer": "", "start": 0, "end": 0}``."""
+
+    score: float
+    start: int
+    end: int
+    answer: str
+
+
+class PairError(ValueError):
+    """A (question, context) pair that cannot be answered: ``index`` is its position in the caller's
+    lists, ``field`` is "question" or "context", and ``reason`` says what is wrong with it. The message
+    is "<field> <index> <reason>", e.g. "context 3 has no tokens (...)"."""
+
+    def __init__(self, index: int, field: Literal["question", "context"], reason: str):
+        super().__init__(f"{field} {index} {reason}")
+        self.index, self.field, self.reason = index, field, reason
 
 
 @dataclass
@@ -55,9 +77,15 @@ class Window:
 class QuestionAnswerer:
     """Answers questions about contexts with a DistilBERT question-answering model.
 
-    >>> qa = QuestionAnswerer.from_pretrained("weights/distilbert/distilbert-base-cased-distilled-squad")
+    >>> qa = QuestionAnswerer.from_pretrained()  # the published checkpoint: HF cache, weights/, or a download
     >>> qa(question="Where was HuggingFace founded ?", context="HuggingFace was founded in Paris.")
     {'score': ..., 'start': 27, 'end': 32, 'answer': 'Paris'}
+
+    Threads: one answerer may be called from several threads at once (a web server's pool), each call
+    answering exactly as it would alone, whatever its ``max_seq_len``, ``doc_stride`` and ``top_k``
+    (tests/test_threads.py). The tokenizer encodes each window setting with its own configured copy, and
+    the model's forward changes no state. Do not reconfigure the model (``set_attn_implementation``,
+    ``set_linear_backend``, ``train()``) while calls are running.
     """
 
     def __init__(
@@ -71,8 +99,7 @@ class QuestionAnswerer:
         run every call (nothing is copied). ``packed`` lays each batch's windows end to end with no
         padding (``window_lengths``); ``packed=False`` pads them into a (batch, seq) tensor with an
         attention mask. Both give the same logits within float32 rounding."""
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        _check_batch_size(batch_size)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -92,7 +119,8 @@ class QuestionAnswerer:
         compile: bool = False,
         quantize: str | None = None,
     ) -> QuestionAnswerer:
-        """Load model and tokenizer from a checkpoint folder or hub repo id (downloaded into weights/).
+        """Load model and tokenizer from a checkpoint folder or hub repo id (found in the Hugging Face
+        cache or weights/, else downloaded into the cache: see :mod:`distilqa.hub`).
 
         ``dtype``: None / "float32" (the default; answers match the reference), "bfloat16",
         "float16", or "auto" (bfloat16 where the hardware has it). ``attn_implementation`` and
@@ -101,8 +129,14 @@ class QuestionAnswerer:
         runs :meth:`DistilBertForQuestionAnswering.compile_blocks` (the first calls are slow while
         it compiles); ``quantize="int8"`` replaces the linear layers by int8 dynamically quantised
         ones (CPU, float32; approximate)."""
+        _check_batch_size(batch_size)
+        for name, value in (("packed", packed), ("compile", compile)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
         if quantize not in (None, "int8"):
             raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+        if revision is not None and Path(name_or_path).expanduser().is_dir():
+            raise ValueError(f"revision={revision!r} selects a hub version, but {name_or_path} is a local folder")
         directory = resolve_checkpoint(name_or_path, revision)
         model = DistilBertForQuestionAnswering.from_pretrained(
             directory,
@@ -114,10 +148,21 @@ class QuestionAnswerer:
         if quantize == "int8":
             if model.device.type != "cpu" or model.dtype != torch.float32:
                 raise ValueError("quantize='int8' needs a float32 model on the CPU (dtype float32, device cpu)")
-            quantize_int8(model)
+            quantize_int8(model.distilbert.transformer)  # the encoder's layers; the small head stays float32
         if compile:
             model.compile_blocks()
         return cls(model, QuestionContextTokenizer.from_pretrained(directory), batch_size, packed)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write the model (config.json, model.safetensors) and the tokenizer (tokenizer.json,
+        tokenizer_config.json) into ``directory``, so that ``from_pretrained(directory)`` answers as
+        this answerer does. An int8-quantised model cannot be saved (its weights are not float)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory)
+        self.tokenizer.tokenizer.save(str(directory / "tokenizer.json"))
+        config = {"model_max_length": self.tokenizer.model_max_length, "tokenizer_class": "BertTokenizer"}
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
     def __call__(
         self,
@@ -193,13 +238,25 @@ class QuestionAnswerer:
             raise ValueError(
                 f"max_seq_len ({max_seq_len}) exceeds the model's {self.model.config.max_position_embeddings} positions"
             )
-        per_pair = self.tokenizer.encode_windows(questions, contexts, max_seq_len, doc_stride, first_index=offset)
+        try:
+            per_pair = self.tokenizer.encode_windows(questions, contexts, max_seq_len, doc_stride, first_index=offset)
+        except ValueError:  # a question too long for the windows: find which pair, one by one
+            for pair in range(len(questions)):
+                try:
+                    self.tokenizer.encode_windows(
+                        questions[pair : pair + 1], contexts[pair : pair + 1], max_seq_len, doc_stride, offset + pair
+                    )
+                except ValueError as single:
+                    reason = str(single).removeprefix(f"question {offset + pair} ")
+                    raise PairError(offset + pair, "question", reason) from single
+            raise
         windows = []
         for pair, encodings in enumerate(per_pair):
+            no_tokens = "has no tokens (only whitespace or control characters?)"
             if 1 not in encodings[0].sequence_ids:
-                raise ValueError(f"context {offset + pair} has no tokens (only whitespace or control characters?)")
+                raise PairError(offset + pair, "context", no_tokens)
             if 0 not in encodings[0].sequence_ids:
-                raise ValueError(f"question {offset + pair} has no tokens (only whitespace or control characters?)")
+                raise PairError(offset + pair, "question", no_tokens)
             windows.extend(Window(offset + pair, encoding) for encoding in encodings)
         # Sorting by length makes each padded batch nearly rectangular; Python's sort is stable, so
         # the windows of one pair keep their context order, which merging relies on.
@@ -265,11 +322,9 @@ def decode_spans(
 def _characters(encoding: Encoding, start: int, end: int, align_to_words: bool) -> tuple[int, int]:
     """Character span in the context of tokens start..end, widened to whole words if asked."""
     if align_to_words:
-        try:
-            first_word, last_word = encoding.token_to_word(start), encoding.token_to_word(end)
+        first_word, last_word = encoding.token_to_word(start), encoding.token_to_word(end)
+        if first_word is not None and last_word is not None:  # None: a special token, which has no word
             return (encoding.word_to_chars(first_word, 1)[0], encoding.word_to_chars(last_word, 1)[1])
-        except Exception:  # a special token inside the context has no word: keep token offsets
-            pass
     return encoding.offsets[start][0], encoding.offsets[end][1]
 
 
@@ -291,6 +346,11 @@ def merge_answers(
     if not ranked:  # every span had probability 0: only possible for degenerate windows
         ranked.append({"score": 0.0, "start": 0, "end": 0, "answer": ""})
     return sorted(ranked, key=lambda answer: answer["score"], reverse=True)[:top_k]
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
 def _pairs(question: str | Sequence[str], context: str | Sequence[str]) -> tuple[list[str], list[str], bool]:
@@ -321,10 +381,10 @@ def _pairs(question: str | Sequence[str], context: str | Sequence[str]) -> tuple
             if not isinstance(text, str):
                 raise TypeError(f"{name} {i} must be a string, got {type(text).__name__}")
             if not text.strip():
-                raise ValueError(f"{name} {i} is empty or only whitespace")
+                raise PairError(i, name, "is empty or only whitespace")
             if not text.isascii():
                 try:
                     text.encode("utf-8")
                 except UnicodeEncodeError:
-                    raise ValueError(f"{name} {i} is not valid Unicode: it holds a lone surrogate") from None
+                    raise PairError(i, name, "is not valid Unicode: it holds a lone surrogate") from None
     return questions, contexts, single
