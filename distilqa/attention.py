@@ -85,8 +85,10 @@ def attend_each_window(
     """Run a core on each window of a packed row and lay the results end to end again: the simplest
     way to keep attention inside windows. (1, heads, total, head_dim) -> the same shape."""
     pieces = zip(*(windows.split(t, dim=2) for t in (query, key, value)))  # per window: (1, heads, n, head_dim)
-    context = [core(q, k, v, None, dropout_p)[0] for q, k, v in pieces]
-    return torch.cat(context, dim=2), None  # (1, heads, total, head_dim)
+    # Laid end to end token-major, (1, total, heads, head_dim): a contiguous concatenation, and the
+    # model's next step (heads side by side per token) is then a free view.
+    context = torch.cat([core(q, k, v, None, dropout_p)[0].transpose(1, 2) for q, k, v in pieces], dim=1)
+    return context.transpose(1, 2), None  # (1, heads, total, head_dim)
 
 
 def eager_attention(

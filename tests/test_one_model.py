@@ -170,3 +170,22 @@ def test_compiled_blocks_give_the_same_logits_without_recompiling_per_length(tin
         tiny(QUESTIONS, CONTEXTS, max_seq_len=max_seq_len, doc_stride=16)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+def test_forward_passes_respect_the_window_and_token_budgets(tiny_checkpoint, packed):
+    answerer = QuestionAnswerer.from_pretrained(tiny_checkpoint, batch_size=5, max_tokens=150, packed=packed)
+    passes: list[tuple[int, int]] = []  # (windows, tokens including padding) of every forward pass
+
+    def hook(module, args, kwargs, output):
+        lengths = kwargs.get("window_lengths")
+        rows, seq = output.start_logits.shape
+        passes.append((len(lengths), seq) if lengths is not None else (rows, rows * seq))
+
+    answerer.model.register_forward_hook(hook, with_kwargs=True)
+    answerer(QUESTIONS * 4, CONTEXTS * 4, **WINDOW_OPTIONS)
+    windows = sum(len(w) for w in answerer.tokenizer.encode_windows(QUESTIONS * 4, CONTEXTS * 4, **WINDOW_OPTIONS))
+    assert sum(count for count, _ in passes) == windows  # every window ran, once
+    assert max(count for count, _ in passes) <= 5
+    assert max(tokens for _, tokens in passes) <= 150
+    assert len(passes) >= windows * 40 // 150  # the budget, not only the window count, split the batches
