@@ -497,7 +497,7 @@ def run_shape(
 # "gemm" is the linear layers' matrix products; "copies" includes the bias broadcast F.linear does
 # before its addmm; "adds" the residual additions.
 PROFILE_CATEGORIES = {
-    "gemm": ("aten::addmm", "aten::mm", "quantized::linear_dynamic", "mkl::_mkl_linear"),
+    "gemm": ("aten::addmm", "aten::mm", "quantized::linear_dynamic", "mkl::_mkl_linear", "mkldnn::_linear_pointwise"),
     "attention": (
         "aten::_scaled_dot_product_flash_attention_for_cpu",
         "aten::bmm",
