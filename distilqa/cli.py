@@ -1,7 +1,8 @@
 """The ``distilqa`` command: download, ask, evaluate, verify.
 
-Errors a user can fix (no weights, bad input, bad files) print one ``distilqa: error: ...`` line
-and exit with status 2, never a traceback.
+Errors a user can fix (no weights, bad input, bad files, options that do nothing together) print one
+``distilqa: error: ...`` line and exit with status 2; ``--debug`` shows their traceback. Any other
+exception is a bug in distilqa and keeps its traceback (status 1).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -18,9 +18,14 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from distilqa.weights import DEFAULT_REPO_ID, CheckpointError, WeightsNotFoundError
+# Only torch-free modules at import time: `distilqa --help` must not wait for torch (see distilqa/hub.py).
+from distilqa.hub import DEFAULT_REPO_ID, HOME_VARIABLE, CheckpointError, WeightsNotFoundError
 
-USER_ERRORS = (WeightsNotFoundError, CheckpointError, OSError, ValueError, TypeError, ImportError)  # OSError: files
+# Errors a user can fix: missing weights or files (OSError: not found, no permission, disk full, a
+# directory given for a file), bad values (ValueError, raised by the checks on input and options) and a
+# missing optional package (ImportError). Anything else (TypeError, KeyError, ...) is a bug in distilqa
+# and keeps its traceback; --debug shows the traceback of user errors too.
+USER_ERRORS = (WeightsNotFoundError, CheckpointError, OSError, ValueError, ImportError)
 LINES_PER_CHUNK = 256  # jsonl pairs answered together: bounds memory on long files
 
 
@@ -30,6 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except USER_ERRORS as error:
+        if args.debug:
+            raise
         print(f"distilqa: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -39,13 +46,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distilqa", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of every error")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    download = commands.add_parser("download", help="download a checkpoint into weights/")
+    download = commands.add_parser("download", help="download a checkpoint into the Hugging Face cache")
     download.add_argument(
         "repo_id", nargs="?", default=DEFAULT_REPO_ID, help=f"hub repo id (default {DEFAULT_REPO_ID})"
     )
     download.add_argument("--revision", help="branch, tag or commit")
+    download.add_argument(
+        "--cache-dir",
+        type=Path,
+        help=f"Hugging Face cache folder to download into (default ${HOME_VARIABLE}, else huggingface_hub's cache)",
+    )
     download.set_defaults(handler=run_download)
 
     ask = commands.add_parser("ask", help="answer questions about a context")
@@ -60,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--max-answer-len", type=int, default=15, help="longest answer in tokens (default 15)")
     ask.add_argument("--handle-impossible-answer", action="store_true", help="allow the empty answer")
     ask.add_argument("--json", action="store_true", help="print the answer(s) as JSON")
+    ask.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="with --input and --output: answer on Ray Data actors, on a local Ray instance or the cluster at ADDRESS",
+    )
+    ask.add_argument("--ray-workers", type=int, help="with --ray: actors, one model each (default: one per CPU)")
     ask.set_defaults(handler=run_ask)
 
     evaluate = commands.add_parser("evaluate", help="SQuAD v1.1 exact match and F1")
@@ -72,8 +93,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = commands.add_parser("verify", help="compare a checkpoint layer by layer with transformers")
     verify.add_argument("--model", required=True, help="checkpoint folder or hub repo id")
-    verify.add_argument("--attn", choices=("eager", "sdpa"), default="eager", help="attention core (default eager)")
+    verify.add_argument(
+        "--attn-implementation",
+        choices=("eager", "sdpa"),
+        default="eager",
+        help="attention core of both models (default eager: attention maps are compared too)",
+    )
+    verify.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="both models' dtype"
+    )
+    verify.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default cpu)")
     verify.set_defaults(handler=run_verify)
+
+    serve = commands.add_parser("serve", help="an HTTP question-answering service with dynamic batching")
+    add_model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--max-batch", type=int, default=32, help="pairs answered together at most (default 32)")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="wait for more requests this long (default 5)")
+    serve.add_argument("--max-queue", type=int, default=1024, help="pairs waiting before 503 (default 1024)")
+    serve.add_argument("--max-pairs", type=int, default=64, help="pairs per request at most (default 64)")
+    serve.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body size limit")
+    serve.add_argument("--max-context-chars", type=int, default=100_000, help="context length limit, characters")
+    serve.set_defaults(handler=run_serve)
+
+    export = commands.add_parser("export", help="export the model to ONNX, checked against its own logits")
+    export.add_argument("--onnx", type=Path, required=True, metavar="DIR", help="folder for model.onnx + tokenizer")
+    export.add_argument(
+        "--model", default=DEFAULT_REPO_ID, help=f"checkpoint folder or hub repo id (default {DEFAULT_REPO_ID})"
+    )
+    export.set_defaults(handler=run_export)
+
+    explain = commands.add_parser("explain", help="pictures of one answer: probabilities, attention, logit lens")
+    add_model_options(explain)
+    explain.add_argument("--question", required=True, help="the question")
+    explain.add_argument("--context", required=True, help="the context text")
+    explain.add_argument("--out", type=Path, default=Path("explain"), help="folder to write into (default explain/)")
+    explain.add_argument("--head", help="LAYER.HEAD (0-based) to draw in full (default: the head most on the answer)")
+    explain.add_argument("--max-answer-len", type=int, default=15, help="longest answer in tokens (default 15)")
+    explain.set_defaults(handler=run_explain)
     return parser
 
 
@@ -83,18 +141,59 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=32, help="windows per forward pass (default 32)")
     parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="float32",
+        help="float32 (default, answers match the reference), bfloat16, float16, or auto: bfloat16 where "
+        "the hardware multiplies it natively",
+    )
+    parser.add_argument(
+        "--attn-implementation",
+        choices=("eager", "sdpa", "triton"),
+        default="sdpa",
+        help="attention core (default sdpa)",
+    )
+    parser.add_argument(
+        "--linear-backend",
+        choices=("auto", "aten", "onednn"),
+        default="auto",
+        help="GEMM library of the linear layers on the CPU (default auto: the faster one, measured)",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the model first (slow start, faster bulk work)"
+    )
+    parser.add_argument(
+        "--quantize", choices=("int8",), default=None, help="int8 dynamic quantisation of the linear layers (CPU)"
+    )
 
 
 def load_answerer(args: argparse.Namespace):
     from distilqa.pipeline import QuestionAnswerer
 
-    return QuestionAnswerer.from_pretrained(args.model, device=args.device, batch_size=args.batch_size)
+    return QuestionAnswerer.from_pretrained(args.model, **answerer_options(args))
+
+
+def answerer_options(args: argparse.Namespace) -> dict:
+    """The QuestionAnswerer.from_pretrained keyword arguments of the model options (Ray actors load with them)."""
+    return dict(
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        attn_implementation=args.attn_implementation,
+        linear_backend=args.linear_backend,
+        compile=args.compile,
+        quantize=args.quantize,
+    )
 
 
 def run_download(args: argparse.Namespace) -> int:
-    from distilqa.weights import download
+    from distilqa.hub import download
 
-    print(f"downloaded {args.repo_id} into {download(args.repo_id, args.revision)}")
+    folder = download(args.repo_id, args.revision, args.cache_dir)
+    print(f"{args.repo_id}: files in {folder}")
+    if args.cache_dir is not None:
+        print(f"other commands find them with {HOME_VARIABLE}={args.cache_dir} or --model {folder}")
     return 0
 
 
@@ -102,9 +201,17 @@ def run_ask(args: argparse.Namespace) -> int:
     options = dict(
         top_k=args.top_k, max_answer_len=args.max_answer_len, handle_impossible_answer=args.handle_impossible_answer
     )
+    if args.ray is not None or args.ray_workers is not None:
+        return run_ask_on_ray(args, options)
+    if args.input is None and args.output is not None:
+        raise ValueError("--output goes with --input FILE.jsonl; a single answer is printed")
+    if args.input is not None and args.json:
+        raise ValueError("--json goes with --question; answers to --input are always JSON Lines")
     if args.input is not None:
         if args.question is not None:
             raise ValueError("--question goes with --context or --context-file, not with --input")
+        from distilqa.pipeline import PairError
+
         lines, pairs = zip(*read_pairs(args.input))  # every line is checked before any work starts
         with open_output(args.output) as out:
             answerer = load_answerer(args)
@@ -113,9 +220,9 @@ def run_ask(args: argparse.Namespace) -> int:
                     chunk = pairs[first : first + LINES_PER_CHUNK]
                     try:
                         answers = answerer([p["question"] for p in chunk], [p["context"] for p in chunk], **options)
-                    except ValueError as error:  # name the line, not the position in this chunk
-                        message = re.sub(r"\b(question|context) \d+\b", r"\1", str(error))
-                        raise ValueError(f"{args.input}:{lines[first + _pair_index(error)]}: {message}") from None
+                    except PairError as error:  # name the line, not the position in this chunk
+                        line = lines[first + error.index]
+                        raise ValueError(f"{args.input}:{line}: the {error.field} {error.reason}") from None
                     for pair, answer in zip(chunk, answers):
                         record = {"id": pair["id"]} if "id" in pair else {}
                         record.update(question=pair["question"], answer=answer)
@@ -135,53 +242,119 @@ def run_ask(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    """Prints one JSON object of the same keys whether it runs a model or scores --predictions:
+    exact_match, f1 (unrounded), questions, answered, missing, seconds and questions_per_second
+    (null when no model ran)."""
     from distilqa.squad import evaluate, predict, read_predictions, read_squad, write_predictions
 
-    questions = read_squad(args.data)
-    if args.limit is not None:
-        if args.limit < 1:
-            raise ValueError(f"--limit must be a positive number, got {args.limit}")
-        questions = questions[: args.limit]
     if args.predictions is not None:
-        scores = evaluate(questions, read_predictions(args.predictions))
-        print(
-            json.dumps(
-                {
-                    "exact_match": scores.exact_match,
-                    "f1": scores.f1,
-                    "questions": scores.total,
-                    "missing": scores.missing,
-                }
-            )
-        )
-        return 0
-    answerer = load_answerer(args)
-    began = time.perf_counter()
-    predictions = predict(answerer, questions, progress=True)
-    seconds = time.perf_counter() - began
-    if args.predictions_out is not None:
-        write_predictions(predictions, args.predictions_out)
+        if given := changed_model_options(args):
+            raise ValueError(f"--predictions scores a file without a model: {', '.join(given)} would do nothing")
+        if args.predictions_out is not None:
+            raise ValueError("--predictions-out writes a model's predictions; --predictions already names them")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be a positive number, got {args.limit}")
+    questions = read_squad(args.data)[: args.limit]
+    seconds = None
+    if args.predictions is not None:
+        predictions = read_predictions(args.predictions)
+    else:
+        answerer = load_answerer(args)
+        began = time.perf_counter()
+        predictions = predict(answerer, questions, progress=True)
+        seconds = time.perf_counter() - began
+        if args.predictions_out is not None:
+            write_predictions(predictions, args.predictions_out)
     scores = evaluate(questions, predictions)
-    print(
-        json.dumps(
-            {
-                "exact_match": round(scores.exact_match, 4),
-                "f1": round(scores.f1, 4),
-                "questions": scores.total,
-                "questions_per_second": round(scores.total / seconds, 2),
-                "seconds": round(seconds, 2),
-            }
-        )
+    summary = {
+        **scores.to_dict(),
+        "seconds": None if seconds is None else round(seconds, 2),
+        "questions_per_second": None if seconds is None else round(scores.total / seconds, 2),
+    }
+    summary["questions"] = summary.pop("total")
+    print(json.dumps(summary))
+    return 0
+
+
+def changed_model_options(args: argparse.Namespace) -> list[str]:
+    """The model options (add_model_options) given a value other than their default, as "--name"."""
+    options = argparse.ArgumentParser(add_help=False)
+    add_model_options(options)
+    defaults = vars(options.parse_args([]))
+    return ["--" + name.replace("_", "-") for name, default in defaults.items() if getattr(args, name) != default]
+
+
+def run_ask_on_ray(args: argparse.Namespace, options: dict) -> int:
+    if args.ray is None:
+        raise ValueError("--ray-workers goes with --ray")
+    if args.input is None or args.output is None:
+        raise ValueError("--ray answers a file: it needs --input FILE.jsonl and --output FILE.jsonl")
+    if args.question is not None:
+        raise ValueError("--question goes with --context or --context-file, not with --input")
+    from distilqa.bulk import answer_file_on_ray
+
+    count = answer_file_on_ray(
+        args.input,
+        args.output,
+        args.model,
+        address=args.ray,
+        workers=args.ray_workers,
+        load_options=answerer_options(args),
+        **options,
     )
+    print(f"answered {count} questions into {args.output}", file=sys.stderr)
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from distilqa.serve import ServerLimits, check_batching, serve
+
+    check_batching(args.max_batch, args.max_wait_ms)  # before the model loads
+    limits = ServerLimits(
+        max_body_bytes=args.max_body_bytes,
+        max_pairs=args.max_pairs,
+        max_context_chars=args.max_context_chars,
+        max_queue_pairs=args.max_queue,
+    )
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
+    serve(load_answerer(args), str(args.model), args.host, args.port, args.max_batch, args.max_wait_ms, limits)
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from distilqa.export import export_onnx
+
+    print(export_onnx(args.model, args.onnx).format())
     return 0
 
 
 def run_verify(args: argparse.Namespace) -> int:
     from distilqa.parity import verify_checkpoint
 
-    report = verify_checkpoint(args.model, attn_implementation=args.attn)
+    report = verify_checkpoint(
+        args.model, attn_implementation=args.attn_implementation, dtype=args.dtype, device=args.device
+    )
     print(report.format())
     return 0 if report.passed else 1
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    from distilqa.explain import parse_head, require_matplotlib, write_explanation
+
+    require_matplotlib()  # before the model loads: say what to install at once
+    result = write_explanation(
+        load_answerer(args),
+        args.question,
+        args.context,
+        args.out,
+        label=str(args.model),
+        head=parse_head(args.head),
+        max_answer_len=args.max_answer_len,
+    )
+    answer = result.explanation["answer"]["answer"]
+    print(f"answer {answer!r}; wrote {len(result.files)} files, open {result.files['html']}")
+    return 0
 
 
 def read_text(path: Path) -> str:
@@ -209,12 +382,6 @@ def read_pairs(path: Path) -> list[tuple[int, dict]]:
     if not pairs:
         raise ValueError(f"{path} holds no question")
     return pairs
-
-
-def _pair_index(error: ValueError) -> int:
-    """The pair position that a pipeline error message names ("context 3 has no tokens"), else 0."""
-    found = re.search(r"\b(?:question|context) (\d+)\b", str(error))
-    return int(found[1]) if found else 0
 
 
 @contextlib.contextmanager

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,16 @@ class DistilBertConfig:
     sinusoidal_pos_embds: bool = True  # only initialises a fresh model; a checkpoint's table wins
     pad_token_id: int = 0
     initializer_range: float = 0.02
+    # Heads removed by prune_heads, numbered as in the unpruned layer: {layer: [heads]}. config.json
+    # stores the layers as string keys, as transformers v4 did.
+    pruned_heads: dict[int, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if isinstance(self.pruned_heads, dict):  # JSON object keys are strings: "0" -> 0
+            self.pruned_heads = {
+                _as_int(layer): sorted(heads) if isinstance(heads, (list, tuple, set)) else heads
+                for layer, heads in self.pruned_heads.items()
+            }
         self.validate()
 
     @property
@@ -64,6 +72,20 @@ class DistilBertConfig:
             raise ValueError(
                 f"config: pad_token_id must be an id in [0, vocab_size={self.vocab_size}), got {self.pad_token_id!r}"
             )
+        self._validate_pruned_heads()
+
+    def _validate_pruned_heads(self) -> None:
+        if not isinstance(self.pruned_heads, dict):
+            raise ValueError(f"config: pruned_heads must map layers to lists of heads, got {self.pruned_heads!r}")
+        for layer, heads in self.pruned_heads.items():
+            if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+                raise ValueError(f"config: pruned_heads names layer {layer!r}; layers are 0..{self.n_layers - 1}")
+            if not isinstance(heads, list) or not all(
+                isinstance(h, int) and not isinstance(h, bool) and 0 <= h < self.n_heads for h in heads
+            ):
+                raise ValueError(
+                    f"config: pruned_heads[{layer}] must be a list of heads in 0..{self.n_heads - 1}, got {heads!r}"
+                )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DistilBertConfig:
@@ -87,11 +109,14 @@ class DistilBertConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The ``config.json`` content, with the fields transformers needs to load it too."""
-        return {
-            "architectures": ["DistilBertForQuestionAnswering"],
-            "model_type": "distilbert",
-            **asdict(self),
-        }
+        values = asdict(self)
+        values["pruned_heads"] = {str(layer): heads for layer, heads in sorted(self.pruned_heads.items())}
+        return {"architectures": ["DistilBertForQuestionAnswering"], "model_type": "distilbert", **values}
 
     def to_json_file(self, path: str | os.PathLike) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _as_int(value: object) -> object:
+    """A JSON key such as "3" as the int 3; anything else unchanged, for validate() to report."""
+    return int(value) if isinstance(value, str) and value.isdigit() else value

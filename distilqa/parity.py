@@ -14,9 +14,11 @@ functions, never when this module is imported.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,45 +211,93 @@ def _import_transformers() -> Any:
 
 
 def save_reference_checkpoint(
-    directory: str | os.PathLike, config: DistilBertConfig | None = None, seed: int = 0
+    directory: str | os.PathLike,
+    config: DistilBertConfig | None = None,
+    seed: int = 0,
+    span_head_sharpness: float = 0.0,
 ) -> os.PathLike:
     """Build transformers' DistilBertForQuestionAnswering with random weights (seeded) at ``config``
     (default: the published configuration) and save it with safetensors into ``directory``: the
-    stand-in for the real checkpoint in tests and benchmarks."""
+    stand-in for the real checkpoint in tests and benchmarks. The global random state is left as it was.
+
+    Random weights give nearly flat, uncorrelated start and end logits, so every span scores ~1e-4,
+    unlike a trained model. ``span_head_sharpness`` > 0 rewrites the span head (``qa_outputs``) so
+    that scores look trained: the start and end rows are made nearly parallel (the same tokens score
+    high as start and as end), orthogonal to the mean [CLS] hidden state (so "no answer" does not
+    absorb the probability), and scaled by ``span_head_sharpness``."""
     transformers = _import_transformers()
-    transformers.utils.logging.disable_progress_bar()
-    torch.manual_seed(seed)
     values = dataclasses.asdict(config or DistilBertConfig())
-    reference = transformers.DistilBertForQuestionAnswering(transformers.DistilBertConfig(**values))
-    reference.eval().save_pretrained(directory, safe_serialization=True)
+    with _quiet(transformers), torch.random.fork_rng(devices=[]):  # transformers initialises from the global RNG
+        torch.manual_seed(seed)
+        reference = transformers.DistilBertForQuestionAnswering(transformers.DistilBertConfig(**values)).eval()
+    if span_head_sharpness > 0:
+        _sharpen_span_head(reference, span_head_sharpness)
+    with _quiet(transformers):
+        reference.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+@torch.no_grad()
+def _sharpen_span_head(reference: nn.Module, sharpness: float, alignment: float = 0.95) -> None:
+    """See :func:`save_reference_checkpoint`: start row = sharpness * a, end row = sharpness *
+    (alignment * a + sqrt(1 - alignment²) * b), where a and b are the random rows with the mean [CLS]
+    hidden state (measured on :func:`sample_inputs`) projected out."""
+    input_ids, attention_mask = sample_inputs(reference.config.vocab_size, max_length=64)
+    hidden = reference.distilbert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (3, 64, dim)
+    cls = hidden[:, 0].mean(0)
+    cls = cls / cls.norm()  # (dim,)
+    start, end = (row - (row @ cls) * cls for row in reference.qa_outputs.weight)  # (dim,) each
+    reference.qa_outputs.weight[0] = sharpness * start
+    reference.qa_outputs.weight[1] = sharpness * (alignment * start + (1 - alignment**2) ** 0.5 * end)
+
+
+@contextlib.contextmanager
+def _quiet(transformers: Any) -> Iterator[None]:
+    """transformers' progress bars off inside the block, and back as they were after it."""
+    enabled = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers.utils.logging.enable_progress_bar()
 
 
 def verify_checkpoint(
     name_or_path: str | os.PathLike,
     attn_implementation: str | AttentionFunction = "eager",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     tolerance: float | None = None,
+    device: str | torch.device | None = None,
 ) -> ParityReport:
-    """Load a checkpoint (folder or hub repo id) into our model and into transformers', and compare
-    them on :func:`sample_inputs`. The default tolerance is 1e-5 for float32 and 1e-2 for float16
-    and bfloat16. ``attn_implementation`` is used on both sides (a callable only on ours; the
+    """Load a checkpoint (folder or hub repo id) into our model and into transformers', on ``device``
+    (default cpu), and compare them on :func:`sample_inputs`. ``dtype`` is a torch dtype or its name
+    ("float32", "bfloat16", "float16"). The default tolerance is 1e-5 for float32 and 1e-2 for
+    float16 and bfloat16. ``attn_implementation`` is used on both sides (a callable only on ours; the
     reference then uses eager attention)."""
     transformers = _import_transformers()
     from distilqa.model import DistilBertForQuestionAnswering
     from distilqa.weights import resolve_checkpoint
 
+    if isinstance(dtype, str):
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        dtype = getattr(torch, dtype)
+    if dtype not in DEFAULT_TOLERANCES:
+        raise ValueError(f"dtype must be one of {', '.join(map(str, DEFAULT_TOLERANCES))}, got {dtype}")
     if tolerance is None:
-        tolerance = DEFAULT_TOLERANCES.get(dtype, 1e-2)
+        tolerance = DEFAULT_TOLERANCES[dtype]
+    device = torch.device(device or "cpu")
     directory = resolve_checkpoint(name_or_path)
     ours = DistilBertForQuestionAnswering.from_pretrained(
-        directory, dtype=dtype, attn_implementation=attn_implementation
+        directory, device=device, dtype=dtype, attn_implementation=attn_implementation
     )
     reference_attention = attn_implementation if isinstance(attn_implementation, str) else "eager"
-    transformers.utils.logging.disable_progress_bar()
-    reference = transformers.DistilBertForQuestionAnswering.from_pretrained(
-        directory, attn_implementation=reference_attention, dtype=dtype
-    ).eval()
+    with _quiet(transformers):
+        reference = transformers.DistilBertForQuestionAnswering.from_pretrained(
+            directory, attn_implementation=reference_attention, dtype=dtype
+        )
+    reference = reference.to(device).eval()
     input_ids, attention_mask = sample_inputs(
         ours.config.vocab_size, max_length=min(200, ours.config.max_position_embeddings)
     )

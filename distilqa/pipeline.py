@@ -43,6 +43,10 @@ from distilqa.tokenization import QuestionContextTokenizer
 from distilqa.weights import DEFAULT_REPO_ID, resolve_checkpoint
 
 EXCLUDED_LOGIT = -10000.0  # the reference's value for tokens that cannot be in an answer
+# Tokens per forward pass: large enough for full-speed GEMMs, small enough that the largest
+# activation (tokens x hidden_dim floats, 24 MiB) stays under glibc's 32 MiB mmap threshold, so its
+# memory is reused from one pass to the next instead of being mapped and zeroed anew each time.
+MAX_TOKENS = 2048
 PAIRS_PER_CHUNK = 256  # pairs tokenized and decoded together: bounds memory, paces the progress bar
 
 
@@ -94,16 +98,21 @@ class QuestionAnswerer:
         tokenizer: QuestionContextTokenizer,
         batch_size: int = 32,
         packed: bool = True,
+        max_tokens: int = MAX_TOKENS,
     ):
         """``model`` is the model that answers: its modules, attention core and current parameters
         run every call (nothing is copied). ``packed`` lays each batch's windows end to end with no
         padding (``window_lengths``); ``packed=False`` pads them into a (batch, seq) tensor with an
-        attention mask. Both give the same logits within float32 rounding."""
+        attention mask. Both give the same logits within float32 rounding. A forward pass takes at
+        most ``batch_size`` windows and at most ``max_tokens`` tokens (padding included), or one
+        window when a single window is longer."""
         _check_batch_size(batch_size)
+        _check_batch_size(max_tokens, "max_tokens")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.packed = packed
+        self.max_tokens = max_tokens
 
     @classmethod
     def from_pretrained(
@@ -118,6 +127,7 @@ class QuestionAnswerer:
         packed: bool = True,
         compile: bool = False,
         quantize: str | None = None,
+        max_tokens: int = MAX_TOKENS,
     ) -> QuestionAnswerer:
         """Load model and tokenizer from a checkpoint folder or hub repo id (found in the Hugging Face
         cache or weights/, else downloaded into the cache: see :mod:`distilqa.hub`).
@@ -151,7 +161,7 @@ class QuestionAnswerer:
             quantize_int8(model.distilbert.transformer)  # the encoder's layers; the small head stays float32
         if compile:
             model.compile_blocks()
-        return cls(model, QuestionContextTokenizer.from_pretrained(directory), batch_size, packed)
+        return cls(model, QuestionContextTokenizer.from_pretrained(directory), batch_size, packed, max_tokens)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write the model (config.json, model.safetensors) and the tokenizer (tokenizer.json,
@@ -263,8 +273,19 @@ class QuestionAnswerer:
         return sorted(windows, key=lambda window: -len(window.encoding.ids))
 
     def _batches(self, windows: list[Window]) -> Iterator[list[Window]]:
-        for start in range(0, len(windows), self.batch_size):
-            yield windows[start : start + self.batch_size]
+        """Consecutive windows (longest first) in batches of at most ``batch_size`` windows and
+        ``max_tokens`` tokens (padded: windows x the first, longest one)."""
+        batch: list[Window] = []
+        for window in windows:
+            tokens = len(window.encoding.ids) + sum(len(w.encoding.ids) for w in batch)
+            if not self.packed:
+                tokens = (len(batch) + 1) * len((batch or [window])[0].encoding.ids)
+            if batch and (len(batch) == self.batch_size or tokens > self.max_tokens):
+                yield batch
+                batch = []
+            batch.append(window)
+        if batch:
+            yield batch
 
     @torch.inference_mode()
     def _run(self, batch: list[Window]) -> tuple[Tensor, Tensor, Tensor]:
@@ -348,9 +369,9 @@ def merge_answers(
     return sorted(ranked, key=lambda answer: answer["score"], reverse=True)[:top_k]
 
 
-def _check_batch_size(batch_size: int) -> None:
+def _check_batch_size(batch_size: int, name: str = "batch_size") -> None:
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise ValueError(f"{name} must be a positive integer, got {batch_size!r}")
 
 
 def _pairs(question: str | Sequence[str], context: str | Sequence[str]) -> tuple[list[str], list[str], bool]:

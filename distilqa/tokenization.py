@@ -6,10 +6,13 @@ windows, offsets and word ids are exactly those the transformers pipeline saw.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenizers import Encoding, Tokenizer, decoders
@@ -19,6 +22,7 @@ from tokenizers.pre_tokenizers import BertPreTokenizer
 from tokenizers.processors import TemplateProcessing
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+CONFIGURED_COPIES = 8  # window settings kept configured at once (one tokenizer copy each, ~30 ms to make)
 
 
 def build_wordpiece_tokenizer(vocab_file: str | os.PathLike, lowercase: bool = False) -> Tokenizer:
@@ -62,10 +66,20 @@ class QuestionContextTokenizer:
 
     Only the context is cut; consecutive windows of one context share ``doc_stride`` tokens, which
     is the meaning of ``stride`` in tokenizers and in the transformers pipeline.
+
+    Safe to share between threads: ``tokenizer`` is never reconfigured. Each (max_seq_len,
+    doc_stride) is encoded by a private copy configured once for it (the truncation settings of a
+    ``tokenizers.Tokenizer`` are state of the object, so one shared object would let two threads
+    window each other's pairs). Treat ``tokenizer`` as read-only after the first call: copies are
+    made from it then.
     """
 
     tokenizer: Tokenizer
     model_max_length: int = 512
+    _copies: OrderedDict[tuple[int, int] | None, Tokenizer] = field(
+        default_factory=OrderedDict, init=False, repr=False, compare=False
+    )
+    _copies_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> QuestionContextTokenizer:
@@ -104,10 +118,35 @@ class QuestionContextTokenizer:
         offsets, sequence ids (0 question, 1 context) and word ids of every token. Errors name a
         pair by its position plus ``first_index``."""
         self._check_room_for_context(questions, contexts, max_seq_len, doc_stride, first_index)
-        self.tokenizer.no_padding()
-        self.tokenizer.enable_truncation(max_seq_len, stride=doc_stride, strategy="only_second")
-        encodings = self.tokenizer.encode_batch(list(zip(questions, contexts)))
+        encodings = self._configured((max_seq_len, doc_stride)).encode_batch(list(zip(questions, contexts)))
         return [[encoding, *encoding.overflowing] for encoding in encodings]
+
+    def _configured(self, windows: tuple[int, int] | None) -> Tokenizer:
+        """A private copy of ``tokenizer`` without padding and with truncation to windows of
+        (max_seq_len, doc_stride), or with no truncation for ``None``; made once, then reused. The
+        lock guards only the cache: encoding runs outside it, on a copy no other setting touches."""
+        with self._copies_lock:
+            configured = self._copies.get(windows)
+            if configured is None:
+                configured = copy.deepcopy(self.tokenizer)
+                configured.no_padding()
+                if windows is None:
+                    configured.no_truncation()
+                else:
+                    configured.enable_truncation(windows[0], stride=windows[1], strategy="only_second")
+                self._copies[windows] = configured
+                if len(self._copies) > CONFIGURED_COPIES:
+                    self._copies.popitem(last=False)  # least recently used
+            else:
+                self._copies.move_to_end(windows)
+            return configured
+
+    def __getstate__(self) -> dict:
+        """Pickles (for worker processes) without the lock and the copies, which are rebuilt on use."""
+        return {"tokenizer": self.tokenizer, "model_max_length": self.model_max_length}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
 
     def _check_room_for_context(
         self, questions: Sequence[str], contexts: Sequence[str], max_seq_len: int, doc_stride: int, first_index: int
@@ -120,11 +159,11 @@ class QuestionContextTokenizer:
         risky = [i for i, question in enumerate(questions) if len(normalize(question)) + 3 + doc_stride >= max_seq_len]
         if not risky:
             return
-        self.tokenizer.no_truncation()
+        whole = self._configured(None)
         for i in risky:
-            question_tokens = len(self.tokenizer.encode(questions[i], add_special_tokens=False).ids)
+            question_tokens = len(whole.encode(questions[i], add_special_tokens=False).ids)
             room = max(max_seq_len - question_tokens - 3, 0)  # [CLS] question [SEP] context [SEP]
-            if room > doc_stride or len(self.tokenizer.encode(questions[i], contexts[i]).ids) <= max_seq_len:
+            if room > doc_stride or len(whole.encode(questions[i], contexts[i]).ids) <= max_seq_len:
                 continue
             raise ValueError(
                 f"question {first_index + i} has {question_tokens} tokens, which leaves {room} context tokens "

@@ -1,8 +1,8 @@
 """Finding, reading, checking and writing checkpoints (safetensors only; nothing is ever unpickled).
 
 A checkpoint is a folder holding ``config.json`` and ``model.safetensors`` (or a sharded
-``model.safetensors.index.json``), as transformers writes it. A hub repo id is downloaded with
-huggingface_hub into ``weights/<repo id>/`` first.
+``model.safetensors.index.json``), as transformers writes it. Where a hub repo id's folder is found
+(the Hugging Face cache, ``weights/``, a download) is :mod:`distilqa.hub`'s business.
 """
 
 from __future__ import annotations
@@ -20,12 +20,21 @@ from torch import Tensor
 from distilqa.attention import AttentionFunction
 from distilqa.config import DistilBertConfig
 
-DEFAULT_REPO_ID = "distilbert/distilbert-base-cased-distilled-squad"
-CONFIG_FILE = "config.json"
-SAFETENSORS_FILE = "model.safetensors"
-SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
-DOWNLOAD_FILES = (CONFIG_FILE, SAFETENSORS_FILE, *TOKENIZER_FILES)
+# Re-exported: finding checkpoints lives in distilqa.hub (torch-free, so the CLI starts fast).
+from distilqa.hub import (  # noqa: F401
+    CONFIG_FILE,
+    DEFAULT_REPO_ID,
+    DOWNLOAD_FILES,
+    SAFETENSORS_FILE,
+    SAFETENSORS_INDEX_FILE,
+    TOKENIZER_FILES,
+    CheckpointError,
+    WeightsNotFoundError,
+    download,
+    resolve_checkpoint,
+    weights_dir,
+)
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 # How keys found in checkpoints map onto this model's names (which are the published ones).
@@ -38,62 +47,6 @@ KEY_RENAMES: tuple[tuple[str, str], ...] = (
 )
 # Keys that carry no weights: a buffer older transformers releases stored.
 IGNORED_KEYS = re.compile(r"(^|\.)position_ids$")
-
-
-class CheckpointError(ValueError):
-    """The files exist but are not a loadable DistilBERT question-answering checkpoint."""
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """No checkpoint where one was asked for, and it could not be downloaded."""
-
-
-def weights_dir() -> Path:
-    """Where downloaded checkpoints live: $DISTILQA_WEIGHTS_DIR, else the project's ``weights/``
-    folder in a source checkout, else ``./weights``."""
-    if "DISTILQA_WEIGHTS_DIR" in os.environ:
-        return Path(os.environ["DISTILQA_WEIGHTS_DIR"]).expanduser()
-    project_weights = Path(__file__).resolve().parents[1] / "weights"
-    return project_weights if (project_weights / "README.md").exists() else Path("weights").resolve()
-
-
-def _looks_like_repo_id(name: str) -> bool:
-    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None and not name.startswith(".")
-
-
-def download(repo_id: str = DEFAULT_REPO_ID, revision: str | None = None) -> Path:
-    """Download a checkpoint's files from the hub into ``weights/<repo_id>/`` and return that folder."""
-    from huggingface_hub import snapshot_download
-
-    target = weights_dir() / repo_id
-    try:
-        snapshot_download(repo_id, revision=revision, local_dir=target, allow_patterns=list(DOWNLOAD_FILES))
-    except Exception as error:
-        raise WeightsNotFoundError(
-            f"could not download {repo_id!r}{f' at revision {revision}' if revision else ''} from the "
-            f"Hugging Face hub ({type(error).__name__}: {str(error).splitlines()[0]}).\n"
-            f"On a machine with network access run `distilqa download {repo_id}`, or put the files "
-            f"{', '.join(DOWNLOAD_FILES)} into {target}/ by hand."
-        ) from None
-    if not (target / SAFETENSORS_FILE).exists() and not (target / SAFETENSORS_INDEX_FILE).exists():
-        raise WeightsNotFoundError(f"{repo_id!r} has no {SAFETENSORS_FILE}; distilqa loads safetensors only")
-    return target
-
-
-def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
-    """A checkpoint folder for a local path or a hub repo id (using ``weights/`` before the network)."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise CheckpointError(f"{path} is a file; pass the folder that holds {CONFIG_FILE} and {SAFETENSORS_FILE}")
-    name = str(name_or_path)
-    if not _looks_like_repo_id(name):
-        raise WeightsNotFoundError(f"no checkpoint folder at {path}")
-    local = weights_dir() / name
-    if revision is None and (local / CONFIG_FILE).exists():
-        return local
-    return download(name, revision)
 
 
 def read_state_dict(directory: Path) -> dict[str, Tensor]:

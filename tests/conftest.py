@@ -2,12 +2,24 @@
 
 The real checkpoint cannot be downloaded here, so the reference model is transformers'
 ``DistilBertForQuestionAnswering`` with random weights at the published configuration, saved
-with safetensors. The real cased vocabulary (../shared/data) is used when present; otherwise a
-WordPiece vocabulary trained at test time, so a fresh clone still runs every parity test.
+with safetensors. The real cased vocabulary is used when the shared data folder is present; otherwise
+a WordPiece vocabulary trained at test time, so a fresh clone still runs every parity test.
+
+The shared data folder (vocabulary, SQuAD v1.1 dev) is ``$DISTILQA_DATA`` when set, else
+``../shared/data`` beside the repository. Tests that need it skip with a reason naming the path.
+
+Fixture names mean one thing across the suite:
+- ``published_checkpoint``: random weights at the published configuration (span probabilities ~1e-4,
+  as random weights give); for logit-level comparisons.
+- ``peaked_checkpoint``: the same, with a span head sharpened so that the best span has probability
+  ~0.02-0.65 like a trained model's; for answer and score comparisons, where flat scores would make
+  every score check pass.
+- ``tiny_checkpoint``: 1 layer of width 32; for the pipeline's mechanics.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -17,7 +29,7 @@ import pytest
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("DISTILQA_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 VOCAB_FILE = SHARED_DATA / "vocab" / "bert-base-cased-vocab.txt"
 SQUAD_FILE = SHARED_DATA / "squad" / "dev-v1.1.json.zip"
 # The configuration of distilbert/distilbert-base-cased-distilled-squad.
@@ -33,12 +45,16 @@ PUBLISHED_CONFIG = dict(
 )
 
 
-def save_reference_checkpoint(directory: Path, seed: int = 0, **overrides) -> Path:
-    """A random transformers checkpoint (safetensors) at the published configuration with ``overrides``."""
+def save_reference_checkpoint(directory: Path, seed: int = 0, span_head_sharpness: float = 0.0, **overrides) -> Path:
+    """A random transformers checkpoint (safetensors) at the published configuration with ``overrides``;
+    ``span_head_sharpness`` > 0 sharpens its span head (see distilqa.parity.save_reference_checkpoint).
+    Skips the calling test when transformers is not installed."""
+    pytest.importorskip("transformers")
     from distilqa import DistilBertConfig
     from distilqa.parity import save_reference_checkpoint as save
 
-    return save(directory, DistilBertConfig(**{**PUBLISHED_CONFIG, **overrides}), seed)
+    config = DistilBertConfig(**{**PUBLISHED_CONFIG, **overrides})
+    return save(directory, config, seed, span_head_sharpness=span_head_sharpness)
 
 
 def fallback_corpus(n_sentences: int = 3000) -> list[str]:
@@ -85,10 +101,22 @@ def write_vocab(path: Path) -> Path:
 
 
 def write_tokenizer_files(directory: Path) -> Path:
-    """vocab.txt, tokenizer_config.json (cased) and tokenizer.json, as the published checkpoint has."""
-    from distilqa.tokenization import write_tokenizer_files as write
+    """vocab.txt, tokenizer_config.json (cased) and tokenizer.json, as the published checkpoint has.
 
-    write(directory, write_vocab(directory / "vocab.txt"), lowercase=False)
+    tokenizer.json is written by transformers (its BertTokenizer built from vocab.txt), not by
+    distilqa: the tokenizer the tests compare against is then the reference's own, not a copy of
+    ours. Without transformers, distilqa's writer is the fallback (no parity test runs then)."""
+    vocab = write_vocab(directory / "vocab.txt")
+    try:
+        import transformers
+    except ImportError:
+        from distilqa.tokenization import write_tokenizer_files as write
+
+        write(directory, vocab, lowercase=False)
+        return directory
+    config = {"do_lower_case": False, "model_max_length": 512, "tokenizer_class": "BertTokenizer"}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    transformers.AutoTokenizer.from_pretrained(directory).save_pretrained(directory)
     return directory
 
 
@@ -105,3 +133,30 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     pipeline's mechanics, where the model's size does not matter and speed does."""
     directory = save_reference_checkpoint(tmp_path_factory.mktemp("tiny"), dim=32, n_layers=1, n_heads=2, hidden_dim=64)
     return write_tokenizer_files(directory)
+
+
+# A trained model's best span has probability ~0.1-0.9; random weights give ~1e-4 (the start and end
+# logits are nearly flat and uncorrelated). This sharpness gives a best span of probability 0.02 to
+# 0.65 (median 0.3) on SQuAD dev questions, measured; see distilqa.parity.save_reference_checkpoint.
+PEAKED_SPAN_HEAD = 20.0
+
+
+@pytest.fixture(scope="session")
+def peaked_checkpoint(tmp_path_factory) -> Path:
+    """Random weights at the published configuration with a sharpened span head: span scores look like
+    a trained model's, so score tolerances and near ties mean something. Same tokenizer files."""
+    directory = save_reference_checkpoint(tmp_path_factory.mktemp("peaked"), span_head_sharpness=PEAKED_SPAN_HEAD)
+    return write_tokenizer_files(directory)
+
+
+def pytest_report_header(config) -> str:
+    """The versions this run tested (pyproject.toml's lower bounds are the oldest ones run)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("torch", "transformers", "tokenizers", "huggingface_hub", "safetensors", "numpy"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} absent")
+    return "distilqa tested with: " + ", ".join(found)

@@ -18,6 +18,7 @@ from conftest import SQUAD_FILE
 
 from distilqa.cli import main
 from distilqa.pipeline import QuestionAnswerer
+from distilqa.weights import WeightsNotFoundError
 
 CONTEXT = "Alice is sitting on the bench. Bob is sitting next to her in Paris."
 QUESTION = "Who is sitting next to Alice?"
@@ -104,6 +105,9 @@ def offline(tmp_path, monkeypatch) -> Path:
     return weights
 
 
+EVALUATE_KEYS = {"exact_match", "f1", "questions", "answered", "missing", "seconds", "questions_per_second"}
+
+
 def run(capsys, *argv: str) -> tuple[int, str, str]:
     status = main([str(arg) for arg in argv])
     out, err = capsys.readouterr()
@@ -111,11 +115,15 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def check_user_error(status: int, err: str, *phrases: str) -> None:
+    """Exit status 2 and one ``distilqa: error: ...`` message, no traceback; only a progress bar may
+    come before it."""
     assert status == 2, err
-    assert err.startswith("distilqa: error: "), err
     assert "Traceback" not in err
+    assert err.count("distilqa: error: ") == 1, err
+    before, message = err.split("distilqa: error: ")
+    assert all("%|" in line for line in before.splitlines() if line.strip()), err
     for phrase in phrases:
-        assert phrase in err, err
+        assert phrase in message, err
 
 
 # --------------------------------------------------------------------------- #
@@ -341,9 +349,60 @@ def test_ask_jsonl_context_without_tokens_names_line_and_keeps_output(capsys, tm
     target = tmp_path / "answers.jsonl"
     target.write_text("previous answers\n", encoding="utf-8")
     status, _, err = run(capsys, "ask", "--model", tiny_checkpoint, "--input", source, "--output", target)
-    assert status == 2 and "Traceback" not in err
+    check_user_error(status, err, f"{source}:2: the context has no tokens")
     assert target.read_text(encoding="utf-8") == "previous answers\n"
-    assert f"{source}:2" in err
+
+
+def test_ask_jsonl_names_the_failing_line_beyond_the_first_chunk(capsys, tmp_path, tiny_checkpoint, monkeypatch):
+    """The pipeline's PairError gives the failing pair's index; the CLI maps it to the file's line,
+    across chunks and blank lines (line 7 is the 5th pair, in the 3rd chunk of 2)."""
+    import distilqa.cli as cli
+
+    monkeypatch.setattr(cli, "LINES_PER_CHUNK", 2)
+    good = {"question": "Who is sitting?", "context": CONTEXT}
+    too_long = {"question": "Who " * 400, "context": CONTEXT * 20}
+    source = write_jsonl(tmp_path / "pairs.jsonl", [good, "", good, good, good, "", too_long, good])
+    status, _, err = run(capsys, "ask", "--model", tiny_checkpoint, "--input", source)
+    check_user_error(status, err, f"{source}:7: the question has ", "tokens")
+    assert "question 4" not in err and "question 0" not in err
+
+
+@pytest.mark.parametrize(
+    ("arguments", "phrase"),
+    [
+        (["--question", "Who?", "--context", "Bob.", "--output", "answers.jsonl"], "--output goes with --input"),
+        (["--input", "pairs.jsonl", "--json"], "--json goes with --question"),
+    ],
+)
+def test_ask_refuses_options_that_would_do_nothing(capsys, tmp_path, tiny_checkpoint, monkeypatch, arguments, phrase):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    status, out, err = run(capsys, "ask", "--model", tiny_checkpoint, *arguments)
+    check_user_error(status, err, phrase)
+    assert out == "" and not (tmp_path / "answers.jsonl").exists()
+
+
+# --------------------------------------------------------------------------- #
+# Errors: user errors are one line, bugs keep their traceback
+# --------------------------------------------------------------------------- #
+
+
+def test_debug_shows_the_traceback_of_a_user_error(capsys, tmp_path):
+    with pytest.raises(WeightsNotFoundError, match="nowhere"):
+        main(["--debug", "ask", "--model", str(tmp_path / "nowhere"), "--question", "Who?", "--context", "Bob."])
+
+
+@pytest.mark.parametrize("error", [TypeError("a bug"), KeyError("a bug"), AttributeError("a bug")])
+def test_programming_errors_are_not_turned_into_user_errors(capsys, monkeypatch, tiny_checkpoint, error):
+    import distilqa.cli as cli
+
+    def broken(args):
+        raise error
+
+    monkeypatch.setattr(cli, "run_ask", broken)
+    with pytest.raises(type(error)):
+        main(["ask", "--model", str(tiny_checkpoint), "--question", "Who?", "--context", "Bob."])
+    assert capsys.readouterr().err == ""
 
 
 # --------------------------------------------------------------------------- #
@@ -410,7 +469,7 @@ def test_evaluate_then_rescore_predictions(capsys, tmp_path, tiny_checkpoint, sq
     )
     assert status == 0
     scores = json.loads(out)
-    assert set(scores) == {"exact_match", "f1", "questions", "questions_per_second", "seconds"}
+    assert set(scores) == EVALUATE_KEYS
     assert scores["questions"] == 5
     assert 0.0 <= scores["exact_match"] <= scores["f1"] <= 100.0
     assert scores["questions_per_second"] > 0 and scores["seconds"] >= 0
@@ -423,9 +482,11 @@ def test_evaluate_then_rescore_predictions(capsys, tmp_path, tiny_checkpoint, sq
     status, out, _ = run(capsys, "evaluate", "--predictions", predictions, "--data", squad_file, "--limit", "5")
     assert status == 0
     rescored = json.loads(out)
-    assert rescored["questions"] == 5 and rescored["missing"] == 0
-    assert round(rescored["exact_match"], 4) == scores["exact_match"]
-    assert round(rescored["f1"], 4) == scores["f1"]
+    assert set(rescored) == EVALUATE_KEYS, "one JSON shape in both modes"
+    assert rescored["questions"] == 5 and rescored["missing"] == 0 and rescored["answered"] == 5
+    assert rescored["seconds"] is None and rescored["questions_per_second"] is None
+    assert rescored["exact_match"] == scores["exact_match"]
+    assert rescored["f1"] == scores["f1"]
 
 
 def test_evaluate_known_predictions(capsys, tmp_path, squad_file):
@@ -438,7 +499,15 @@ def test_evaluate_known_predictions(capsys, tmp_path, squad_file):
     assert status == 0
     scores = json.loads(out)
     # q1, q2 exact; q3 F1 2/3 (1 of 2 gold tokens); q4 wrong; q5 missing.
-    assert scores == {"exact_match": 40.0, "f1": pytest.approx(100 * (2 + 2 / 3) / 5), "questions": 5, "missing": 1}
+    assert scores == {
+        "exact_match": 40.0,
+        "f1": pytest.approx(100 * (2 + 2 / 3) / 5),
+        "questions": 5,
+        "answered": 4,
+        "missing": 1,
+        "seconds": None,
+        "questions_per_second": None,
+    }
 
 
 @pytest.mark.skipif(not SQUAD_FILE.exists(), reason=f"SQuAD dev set not found at {SQUAD_FILE}")
@@ -462,7 +531,7 @@ def test_evaluate_squad_zip(capsys, tmp_path, tiny_checkpoint):
     assert len(json.loads(predictions.read_text(encoding="utf-8"))) == 5
     status, out, _ = run(capsys, "evaluate", "--predictions", predictions, "--data", SQUAD_FILE, "--limit", "5")
     assert status == 0
-    assert round(json.loads(out)["f1"], 4) == scores["f1"]
+    assert json.loads(out)["f1"] == scores["f1"]
 
 
 @pytest.mark.parametrize(
@@ -476,8 +545,25 @@ def test_evaluate_squad_zip(capsys, tmp_path, tiny_checkpoint):
 def test_evaluate_bad_arguments_exit_2(capsys, tmp_path, monkeypatch, tiny_checkpoint, squad_file, arguments, phrase):
     monkeypatch.chdir(tmp_path)
     data = [] if "--data" in arguments else ["--data", str(squad_file)]
-    status, _, err = run(capsys, "evaluate", "--model", tiny_checkpoint, *data, *arguments)
+    model = [] if "--predictions" in arguments else ["--model", tiny_checkpoint]
+    status, _, err = run(capsys, "evaluate", *model, *data, *arguments)
     check_user_error(status, err, phrase)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--model", "somewhere"], ["--dtype", "bfloat16"], ["--compile"], ["--batch-size", "4"], ["--device", "cuda"]],
+)
+def test_evaluate_predictions_refuses_model_options(capsys, tmp_path, squad_file, extra):
+    predictions = tmp_path / "preds.json"
+    predictions.write_text(json.dumps({"q1": "Denver Broncos"}), encoding="utf-8")
+    status, out, err = run(capsys, "evaluate", "--predictions", predictions, "--data", squad_file, *extra)
+    check_user_error(status, err, "--predictions scores a file without a model", extra[0])
+    assert out == ""
+    status, _, err = run(
+        capsys, "evaluate", "--predictions", predictions, "--data", squad_file, "--predictions-out", tmp_path / "x"
+    )
+    check_user_error(status, err, "--predictions-out")
 
 
 def test_evaluate_bad_predictions_file_exits_2(capsys, tmp_path, squad_file):
@@ -503,12 +589,29 @@ def test_verify_missing_checkpoint_exits_2(capsys, tmp_path):
     check_user_error(status, err, "nowhere")
 
 
+def test_verify_takes_the_model_options_of_the_other_commands(capsys, tiny_checkpoint):
+    status, out, _ = run(
+        capsys,
+        "verify",
+        "--model",
+        tiny_checkpoint,
+        "--attn-implementation",
+        "sdpa",
+        "--dtype",
+        "bfloat16",
+        "--device",
+        "cpu",
+    )
+    assert status == 0, out
+    assert out.startswith(f"checkpoint {tiny_checkpoint}, attention sdpa, dtype bfloat16")
+
+
 # --------------------------------------------------------------------------- #
 # argparse: help and unknown commands
 # --------------------------------------------------------------------------- #
 
 
-@pytest.mark.parametrize("command", ["download", "ask", "evaluate", "verify"])
+@pytest.mark.parametrize("command", ["download", "ask", "evaluate", "verify", "serve", "export", "explain"])
 def test_subcommand_help(capsys, command):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

@@ -8,7 +8,8 @@ answer == context[start:end] with 0 <= start <= end <= len(context); nothing is 
 from a batch."
 
 Most tests use a tiny random checkpoint (fast); padding and the comparison with the transformers
-pipeline use the published-size random checkpoint with short inputs.
+pipeline use the published-size ``peaked_checkpoint`` (span scores like a trained model's, so relative
+score tolerances mean something) with short inputs.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from conftest import fallback_corpus
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import distilqa.pipeline as pipeline_module
-from distilqa.pipeline import QuestionAnswerer
+from distilqa.pipeline import PairError, QuestionAnswerer
 
 # numpy 2 warns about the transformers pipeline's np.array(torch tensor); not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -68,9 +70,9 @@ def check_ranked(answers: list, context: str, top_k: int, allow_empty: bool = Fa
     assert len(set(texts)) == len(texts), "equal answers are merged"
 
 
-def answers_agree(a: dict, b: dict, tolerance: float) -> None:
+def answers_agree(a: dict, b: dict, relative_tolerance: float) -> None:
     assert (a["answer"], a["start"], a["end"]) == (b["answer"], b["start"], b["end"])
-    assert abs(a["score"] - b["score"]) <= tolerance, (a, b)
+    assert abs(a["score"] - b["score"]) <= relative_tolerance * b["score"], (a, b)
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +81,13 @@ def tiny(tiny_checkpoint) -> QuestionAnswerer:
 
 
 @pytest.fixture(scope="module")
-def published(published_checkpoint) -> QuestionAnswerer:
-    return QuestionAnswerer.from_pretrained(published_checkpoint)
+def peaked(peaked_checkpoint) -> QuestionAnswerer:
+    return QuestionAnswerer.from_pretrained(peaked_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def peaked_padded(peaked_checkpoint) -> QuestionAnswerer:
+    return QuestionAnswerer.from_pretrained(peaked_checkpoint, packed=False)
 
 
 # --------------------------------------------------------------------------- #
@@ -217,9 +224,9 @@ def test_odd_text_gives_valid_answers(tiny, name):
     check_ranked(tiny("Where?", context * 3, top_k=3, max_seq_len=24, doc_stride=6), context * 3, 3)
 
 
-def test_odd_text_with_published_model(published):
+def test_odd_text_with_published_model(peaked):
     contexts = list(ODD_CONTEXTS.values())
-    answers = published(["Who is sitting on the bench?"] * len(contexts), contexts, top_k=2)
+    answers = peaked(["Who is sitting on the bench?"] * len(contexts), contexts, top_k=2)
     assert len(answers) == len(contexts)
     for ranked, context in zip(answers, contexts):
         check_ranked(ranked, context, 2)
@@ -295,42 +302,50 @@ def test_one_bad_pair_fails_the_whole_batch(tiny):
         tiny(good, [SUPER_BOWL, None])
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_batching_does_not_change_answers(published, packed):
+@pytest.mark.parametrize("path", ["peaked_padded", "peaked"], ids=["padded", "packed"])
+def test_batching_does_not_change_answers(request, monkeypatch, path):
     """A pair answered alone and in a batch of pairs of other lengths (padded, or packed end to end)
-    gives the same answer."""
-    published.packed = packed
+    gives the same answer. Measured: scores equal within 4e-7 relative."""
+    answerer = request.getfixturevalue(path)
+    padding = []
+    forward = answerer.model.forward
+
+    def recording_forward(input_ids, attention_mask=None, **kwargs):
+        padding.append(attention_mask is not None and not bool(attention_mask.all()))
+        return forward(input_ids, attention_mask, **kwargs)
+
+    monkeypatch.setattr(answerer.model, "forward", recording_forward)
     questions = ["Who?", "Where was HuggingFace founded ?", "Who won Super Bowl 50?", "What is sitting?"]
     contexts = ["Bob.", "HuggingFace was founded in Paris.", SUPER_BOWL, ODD_CONTEXTS["emoji"]]
     options = dict(top_k=2, max_seq_len=48, doc_stride=12)
-    batched = published(questions, contexts, **options)
+    batched = answerer(questions, contexts, **options)
+    assert padding[0] == (path == "peaked_padded"), "the padded path pads this batch; the packed one never does"
     for question, context, ranked in zip(questions, contexts, batched):
-        alone = published(question, context, **options)
+        alone = answerer(question, context, **options)
         check_ranked(ranked, context, 2)
         assert len(alone) == len(ranked)
         for a, b in zip(alone, ranked):
-            answers_agree(a, b, 1e-5)
+            answers_agree(a, b, 2e-6)
 
 
-def test_windows_of_different_lengths_are_packed_without_padding(published, monkeypatch):
+def test_windows_of_different_lengths_are_packed_without_padding(peaked, monkeypatch):
     calls = []
-    forward = published.model.forward
+    forward = peaked.model.forward
 
     def recording_forward(input_ids, **kwargs):
         calls.append((input_ids.numel(), list(kwargs["window_lengths"])))
         return forward(input_ids, **kwargs)
 
-    published.packed = True
-    monkeypatch.setattr(published.model, "forward", recording_forward)
-    published(["Who?", "Who won?"], ["Bob.", SUPER_BOWL[:200]])
+    monkeypatch.setattr(peaked.model, "forward", recording_forward)
+    peaked(["Who?", "Who won?"], ["Bob.", SUPER_BOWL[:200]])
     assert len(calls) == 1
     tokens, lengths = calls[0]
     assert len(set(lengths)) == 2 and tokens == sum(lengths)  # two lengths, not one padded length
 
 
-def test_readable_model_pads_and_masks(published_checkpoint, monkeypatch):
+def test_readable_model_pads_and_masks(peaked_padded, monkeypatch):
     """With packed=False the windows run as a padded batch with an attention mask."""
-    readable = QuestionAnswerer.from_pretrained(published_checkpoint, packed=False)
+    readable = peaked_padded
     masks = []
     forward = readable.model.forward
 
@@ -376,9 +391,9 @@ def test_empty_answer_competes_by_score(tiny):
     assert all(a["answer"] for a in tiny("Who?", context, top_k=20))
 
 
-def test_scores_are_probabilities_within_one_window(published):
+def test_scores_are_probabilities_within_one_window(peaked):
     for context in ("Alice is sitting on the bench.", SUPER_BOWL, ODD_CONTEXTS["cjk"]):
-        ranked = published("Who is sitting?", context, top_k=5)
+        ranked = peaked("Who is sitting?", context, top_k=5)
         check_ranked(ranked, context, 5)
         assert 0.0 < sum(a["score"] for a in ranked) <= 1.0 + 1e-6  # distinct spans of one softmax pair
 
@@ -428,11 +443,11 @@ def test_arbitrary_unicode_gives_valid_answers_or_clear_errors(
 
 
 @pytest.fixture(scope="module")
-def reference_pipeline(published_checkpoint):
+def reference_pipeline(peaked_checkpoint):
     transformers = pytest.importorskip("transformers")
     transformers.utils.logging.disable_progress_bar()
     return transformers.pipeline(
-        "question-answering", model=str(published_checkpoint), tokenizer=str(published_checkpoint), device="cpu"
+        "question-answering", model=str(peaked_checkpoint), tokenizer=str(peaked_checkpoint), device="cpu"
     )
 
 
@@ -452,7 +467,7 @@ REPEATED = "The Denver Broncos won in Denver. " * 16
     ],
     ids=["paragraph-top1", "paragraph-top3", "repeated-top1", "repeated-top3", "repeated-tokens-impossible"],
 )
-def test_summed_scores_of_equal_answers_match_reference(published, reference_pipeline, monkeypatch, context, options):
+def test_summed_scores_of_equal_answers_match_reference(peaked, reference_pipeline, monkeypatch, context, options):
     """Answers of equal text, found in several windows (or places), are merged by summing their scores,
     exactly as the transformers pipeline does."""
     seen: list[list[tuple[float, int, int]]] = []
@@ -464,16 +479,108 @@ def test_summed_scores_of_equal_answers_match_reference(published, reference_pip
 
     monkeypatch.setattr(pipeline_module, "merge_answers", recording_merge)
     question = "Who won the game?"
-    ours = published(question, context, max_seq_len=64, doc_stride=16, **options)
+    ours = peaked(question, context, max_seq_len=64, doc_stride=16, **options)
     expected = reference_pipeline(question=question, context=context, max_seq_len=64, doc_stride=16, **options)
     ours_list = ours if isinstance(ours, list) else [ours]
     expected_list = expected if isinstance(expected, list) else [expected]
     assert isinstance(ours, dict) == (options["top_k"] == 1)
     assert len(ours_list) == len(expected_list)
     for a, b in zip(ours_list, expected_list):
-        answers_agree(a, {**b, "score": float(b["score"])}, 1e-4)
+        answers_agree(a, {**b, "score": float(b["score"])}, 2e-5)
         check_answer(a, context, allow_empty=options.get("handle_impossible_answer", False))
     (candidates,) = seen
     if context is REPEATED:
         texts = [context[start:end].lower() for _, start, end in candidates]
         assert len(set(texts)) < len(texts), "equal answers were found and merged"
+
+
+# --------------------------------------------------------------------------- #
+# The public API: structured errors, from_pretrained's arguments, save_pretrained, exports
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize(
+    ("questions", "contexts", "index", "field", "reason"),
+    [
+        (["Who?", "  "], ["Bob.", "Alice."], 1, "question", "is empty or only whitespace"),
+        (["Who?"] * 3, ["Bob.", "Alice.", "\u200b"], 2, "context", "has no tokens"),
+        (["Who?", "\x7f\u200d"], ["Bob.", "Alice."], 1, "question", "has no tokens"),
+        (["Who won?", "Who " * 60], [SUPER_BOWL, SUPER_BOWL], 1, "question", "has 60 tokens"),
+    ],
+)
+def test_a_bad_pair_is_named_by_a_structured_error(tiny, questions, contexts, index, field, reason):
+    with pytest.raises(PairError) as error:
+        tiny(questions, contexts, max_seq_len=64, doc_stride=16)
+    assert (error.value.index, error.value.field) == (index, field)
+    assert error.value.reason.startswith(reason), error.value.reason
+    assert str(error.value) == f"{field} {index} {error.value.reason}"
+    assert isinstance(error.value, ValueError)
+
+
+def test_save_pretrained_writes_a_folder_that_answers(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path / "saved")
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
+        path.name for path in (tmp_path / "saved").iterdir()
+    }
+    again = QuestionAnswerer.from_pretrained(tmp_path / "saved")
+    questions = ["Who is sitting?", "When was the game?"]
+    contexts = [ODD_CONTEXTS["emoji"], SUPER_BOWL]
+    assert again(questions, contexts, top_k=3) == tiny(questions, contexts, top_k=3)
+
+
+@pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated:DeprecationWarning")
+def test_from_pretrained_honours_every_argument(tiny_checkpoint):
+    qa = QuestionAnswerer.from_pretrained(
+        tiny_checkpoint,
+        device="cpu",
+        dtype="bfloat16",
+        batch_size=7,
+        attn_implementation="eager",
+        linear_backend="aten",
+        packed=False,
+        compile=True,
+    )
+    model = qa.model
+    assert (qa.batch_size, qa.packed) == (7, False)
+    assert (model.device.type, model.dtype, model.attn_implementation, model.linear_backend) == (
+        "cpu",
+        torch.bfloat16,
+        "eager",
+        "aten",
+    )
+    assert all(block._compiled_call_impl is not None for block in model.distilbert.transformer.layer)
+    quantized = QuestionAnswerer.from_pretrained(tiny_checkpoint, quantize="int8").model
+    assert type(quantized.qa_outputs) is not torch.nn.Linear  # replaced by its dynamically quantised version
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "message"),
+    [
+        (dict(batch_size=0), ValueError, "batch_size"),
+        (dict(packed="no"), TypeError, "packed must be True or False"),
+        (dict(compile=1), TypeError, "compile must be True or False"),
+        (dict(quantize="int4"), ValueError, "quantize"),
+        (dict(revision="main"), ValueError, "local folder"),
+        (dict(dtype="float64"), ValueError, "float64"),
+        (dict(attn_implementation="flash"), ValueError, "unknown attention implementation"),
+        (dict(linear_backend="mkl"), ValueError, "mkl"),
+        (dict(quantize="int8", dtype="bfloat16"), ValueError, "float32"),
+    ],
+)
+def test_from_pretrained_rejects_what_it_cannot_honour(tiny_checkpoint, arguments, error, message):
+    with pytest.raises(error, match=message):
+        QuestionAnswerer.from_pretrained(tiny_checkpoint, **arguments)
+
+
+def test_public_names_build_an_answerer(tiny_checkpoint):
+    """Everything a user passes to the public constructors is importable from distilqa itself."""
+    import distilqa
+
+    for name in ("Answer", "PairError", "QuestionContextTokenizer", "DistilBertConfig", "QuestionAnswerer"):
+        assert name in distilqa.__all__ and getattr(distilqa, name) is not None
+    assert set(distilqa.Answer.__annotations__) == ANSWER_KEYS
+    model = distilqa.DistilBertForQuestionAnswering(
+        distilqa.DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64)
+    )
+    tokenizer = distilqa.QuestionContextTokenizer.from_pretrained(tiny_checkpoint)
+    check_answer(distilqa.QuestionAnswerer(model, tokenizer)("Who?", "Bob is here."), "Bob is here.")

@@ -1,19 +1,36 @@
-"""Answer-for-answer parity of QuestionAnswerer with the transformers question-answering pipeline.
+"""Answer-for-answer parity of QuestionAnswerer with the transformers 5.2 question-answering pipeline,
+on every inference path.
 
-Same random-weight checkpoint at the published configuration, same tokenizer files, on SQuAD v1.1
-dev questions spread over all articles and on multi-window contexts built by joining paragraphs;
-top_k 1 and 3, handle_impossible_answer off and on. Target: identical (answer, start, end) on at
-least 99.8% of cases, scores within 1e-4, and every mismatch explained (a near tie that float
-noise between batched and unbatched forwards may flip).
+Both run the ``peaked_checkpoint`` (random weights at the published configuration with a sharpened
+span head, so that the best span has probability 0.02-0.65 as a trained model's would; with plain
+random weights every span scores ~1e-4 and no score check could fail) and the same tokenizer files
+(written by transformers). Questions: every 21st SQuAD v1.1 dev question (504, all 48 articles) plus
+40 contexts of 2 to 3 windows made by joining paragraphs (544 pairs).
 
-The model's forward pass is the expensive part and does not depend on top_k or
-handle_impossible_answer, so each side's forward is memoised by its exact inputs: every option
-combination still runs the whole tokenization and decoding code of both pipelines.
+Paths, each against the transformers pipeline in float32 (the answers a user of the reference gets):
+
+| path | pairs | options | identical (answer, start, end) | scores of identical answers |
+| --- | --- | --- | --- | --- |
+| packed fp32 (the default) | 544 | top_k 1 and 3, impossible off and on | MIN_IDENTICAL | SCORE_RTOL["float32"] |
+| padded fp32 (``packed=False``) | 136 (every 4th) | top_k 3, impossible on | all but 1 | SCORE_RTOL["float32"] |
+| bfloat16 | 136 | top_k 1 | MIN_IDENTICAL_SHARE | SCORE_RTOL["bfloat16"] |
+| float16 | 136 | top_k 1 | MIN_IDENTICAL_SHARE | SCORE_RTOL["float16"] |
+| compiled fp32 (``compile=True``) | 48 | top_k 3 | identical to eager fp32 | SCORE_RTOL["compiled"] of eager |
+
+A differing answer counts as explained only when it is a near tie measured in the run at hand: at
+each rank where the two lists differ, our own scores of the two answers there (ours, and the
+reference's, looked up in our wider top_k + 3 list) are within NEAR_TIE[path] of each other,
+relatively. Nothing is explained by a blanket bound.
+
+The model's forward does not depend on top_k or handle_impossible_answer, so each side's forward is
+memoised by its exact inputs (``memoise_forward``): every option combination still runs the whole
+tokenization and decoding code of both pipelines, and the test checks that the memo is used.
 """
 
 from __future__ import annotations
 
 import json
+import time
 import zipfile
 
 import pytest
@@ -22,49 +39,60 @@ from conftest import SQUAD_FILE
 
 from distilqa.pipeline import QuestionAnswerer
 
-SCORE_TOLERANCE = 1e-4
-REQUIRED_IDENTICAL = 0.998
 OPTIONS = [
     dict(top_k=1, handle_impossible_answer=False),
     dict(top_k=3, handle_impossible_answer=False),
     dict(top_k=1, handle_impossible_answer=True),
     dict(top_k=3, handle_impossible_answer=True),
 ]
+# Relative score tolerance for answers that agree (|ours - reference| / reference), per path. Measured
+# maxima on this project's machine (AMD EPYC, 2 threads, torch 2.13, transformers 5.2):
+# float32 packed 2.6e-6 / padded 2.6e-6; bfloat16 0.22; float16 0.025; compiled vs eager 2.4e-6.
+SCORE_RTOL = {"float32": 2e-5, "bfloat16": 0.5, "float16": 0.1, "compiled": 2e-5}
+# Largest relative gap between the two answers of a rank where the lists differ that still counts as
+# a near tie. float32 mismatches come from float32 rounding (~1e-6 relative); the half-precision
+# margins are the scale of their own score error above.
+NEAR_TIE = {"float32": 1e-4, "bfloat16": 0.5, "float16": 0.1}
+# The full sample, packed fp32 (measured: 544/544 for each of the 4 option combinations).
+MIN_IDENTICAL = {(o["top_k"], o["handle_impossible_answer"]): 544 for o in OPTIONS}
+# Half precision against the fp32 reference, top_k 1 (measured: bfloat16 131/136, float16 135/136).
+MIN_IDENTICAL_SHARE = {"bfloat16": 0.93, "float16": 0.97}
 
 
-def memoise_forward(module: torch.nn.Module) -> None:
-    """Replace ``module.forward`` by one that returns the stored output for inputs seen before."""
-    forward, seen = module.forward, {}
+def option_id(options: dict) -> str:
+    return f"top_k={options['top_k']}-impossible={options['handle_impossible_answer']}"
+
+
+def memoise_forward(module: torch.nn.Module) -> dict[str, int]:
+    """Make ``module(...)`` return the stored output for inputs seen before; returns live counts
+    {"calls", "hits"}. Tensors are keyed by shape, dtype and bytes, lists (window_lengths) as tuples."""
+    forward, seen, counts = module.forward, {}, {"calls": 0, "hits": 0}
+
+    def key_of(value):
+        if isinstance(value, torch.Tensor):
+            return (tuple(value.shape), str(value.dtype), value.detach().cpu().numpy().tobytes())
+        if isinstance(value, (list, tuple)):
+            return tuple(key_of(item) for item in value)
+        return value
 
     def memoised(*args, **kwargs):
-        key = tuple(
-            (name, value.shape, value.numpy().tobytes()) if isinstance(value, torch.Tensor) else (name, value)
-            for name, value in [*enumerate(args), *sorted(kwargs.items())]
-        )
-        if key not in seen:
+        key = tuple((name, key_of(value)) for name, value in [*enumerate(args), *sorted(kwargs.items())])
+        counts["calls"] += 1
+        if key in seen:
+            counts["hits"] += 1
+        else:
             seen[key] = forward(*args, **kwargs)
         return seen[key]
 
-    module.forward = memoised
+    module.forward = memoised  # nn.Module.__call__ looks forward up on the instance: the pipeline's calls land here
+    return counts
 
 
 @pytest.fixture(scope="module")
 def squad_articles():
     if not SQUAD_FILE.exists():
-        pytest.skip(f"SQuAD v1.1 dev set not found at {SQUAD_FILE}; parity on SQuAD needs it")
+        pytest.skip(f"SQuAD v1.1 dev set not found at {SQUAD_FILE} (set DISTILQA_DATA to the shared data folder)")
     return json.loads(zipfile.ZipFile(SQUAD_FILE).read("dev-v1.1.json"))["data"]
-
-
-@pytest.fixture(scope="module")
-def pipelines(published_checkpoint):
-    transformers = pytest.importorskip("transformers")
-    ours = QuestionAnswerer.from_pretrained(published_checkpoint, batch_size=16)
-    reference = transformers.pipeline(
-        "question-answering", model=str(published_checkpoint), tokenizer=str(published_checkpoint), device="cpu"
-    )
-    memoise_forward(ours.model)
-    memoise_forward(reference.model)
-    return ours, reference
 
 
 def squad_pairs(articles, every: int = 21) -> list[tuple[str, str]]:
@@ -88,71 +116,162 @@ def long_context_pairs(articles, min_characters: int = 2500, count: int = 40) ->
     return pairs[:count]
 
 
+@pytest.fixture(scope="module")
+def sample(squad_articles) -> list[tuple[str, str]]:
+    pairs = squad_pairs(squad_articles) + long_context_pairs(squad_articles)
+    assert len(pairs) == 544
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def reference(peaked_checkpoint):
+    transformers = pytest.importorskip("transformers")
+    pipeline = transformers.pipeline(
+        "question-answering", model=str(peaked_checkpoint), tokenizer=str(peaked_checkpoint), device="cpu"
+    )
+    memoise_forward(pipeline.model)
+    return pipeline
+
+
+@pytest.fixture(scope="module")
+def ours(peaked_checkpoint) -> tuple[QuestionAnswerer, dict[str, int]]:
+    answerer = QuestionAnswerer.from_pretrained(peaked_checkpoint, batch_size=16)
+    return answerer, memoise_forward(answerer.model)
+
+
 def as_list(result) -> list[dict]:
     return result if isinstance(result, list) else [result]
 
 
-def run_both(pipelines, pairs, options) -> None:
-    """Answer ``pairs`` with both pipelines and assert the parity target."""
-    ours, reference = pipelines
-    questions, contexts = [q for q, _ in pairs], [c for _, c in pairs]
-    ours_results = ours(questions, contexts, **options)
-    reference_results = reference(question=questions, context=contexts, **options)
-    identical, unexplained = compare(ours_results, reference_results, reference, pairs, options)
-    print(f"parity {options}: {identical}/{len(pairs)} identical (answer, start, end)")  # shown with pytest -s
-    assert not unexplained, "\n".join(unexplained)
-    assert identical / len(pairs) >= REQUIRED_IDENTICAL, f"{identical}/{len(pairs)} identical"
+def span(answer: dict) -> tuple[str, int, int]:
+    return answer["answer"], answer["start"], answer["end"]
 
 
-def compare(ours_results, reference_results, reference, pairs, options) -> tuple[int, list[str]]:
-    """Count identical cases; return unexplained mismatches. The reference returns a bare dict when it
-    has one answer even for top_k > 1; ours always returns a list for top_k > 1 (README)."""
-    identical, unexplained = 0, []
-    for (question, context), ours, theirs in zip(pairs, ours_results, reference_results, strict=True):
-        ours, theirs = as_list(ours), as_list(theirs)
-        if [(a["answer"], a["start"], a["end"]) for a in ours] == [(a["answer"], a["start"], a["end"]) for a in theirs]:
+def compare(answerer, ours_results, reference_results, pairs, options, path: str) -> tuple[int, float, list[str]]:
+    """(identical cases, largest relative score difference of agreeing answers, unexplained mismatches).
+    The reference returns a bare dict when it has one answer even for top_k > 1; ours always a list."""
+    identical, worst, unexplained = 0, 0.0, []
+    for (question, context), mine, theirs in zip(pairs, ours_results, reference_results, strict=True):
+        mine, theirs = as_list(mine), as_list(theirs)
+        same = [span(a) == span(b) for a, b in zip(mine, theirs)]
+        for a, b, equal in zip(mine, theirs, same):
+            if equal:
+                worst = max(worst, abs(a["score"] - float(b["score"])) / float(b["score"]))
+        if len(mine) == len(theirs) and all(same):
             identical += 1
-            for a, b in zip(ours, theirs):
-                assert abs(a["score"] - b["score"]) <= SCORE_TOLERANCE, (question, a, b)
             continue
-        # Explained: a near tie. Our answers are among the reference's best few with scores that
-        # differ from the reference's by less than the tolerance.
-        wider = as_list(reference(question=question, context=context, **{**options, "top_k": options["top_k"] + 3}))
-        scores = {(a["answer"], a["start"], a["end"]): a["score"] for a in wider}
-        explained = (
-            all(
-                (a["answer"], a["start"], a["end"]) in scores
-                and abs(scores[(a["answer"], a["start"], a["end"])] - a["score"]) <= SCORE_TOLERANCE
-                for a in ours
-            )
-            and abs(ours[0]["score"] - theirs[0]["score"]) <= SCORE_TOLERANCE
-        )
-        if not explained:
-            unexplained.append(f"{question!r}: ours {ours} reference {theirs}")
-    return identical, unexplained
+        # A near tie? Our own scores of the two answers at each differing rank, from a wider list.
+        wider = {span(a): a["score"] for a in as_list(answerer(question, context, **{**options, "top_k": 6}))}
+        gaps = [
+            abs(a["score"] - wider[span(b)]) / a["score"] if span(b) in wider else float("inf")
+            for a, b, equal in zip(mine, theirs, same)
+            if not equal
+        ]
+        if len(mine) != len(theirs) or max(gaps) > NEAR_TIE[path]:
+            unexplained.append(f"{question!r}: ours {mine} reference {theirs} (relative gaps {gaps})")
+    return identical, worst, unexplained
 
 
-@pytest.mark.parametrize(
-    "options", OPTIONS, ids=lambda o: f"top_k={o['top_k']}-impossible={o['handle_impossible_answer']}"
-)
-def test_parity_on_squad_dev_and_long_contexts(squad_articles, pipelines, options):
-    pairs = squad_pairs(squad_articles) + long_context_pairs(squad_articles)
-    assert len(pairs) >= 540
-    run_both(pipelines, pairs, options)
+def run_both(answerer, reference, pairs, options, path: str, counts=None) -> tuple[int, float, list[str]]:
+    """Answer ``pairs`` with both; with ``counts`` (of memoise_forward), record in counts["last"] the
+    (calls, hits) of our model during our pipeline's run."""
+    questions, contexts = [q for q, _ in pairs], [c for _, c in pairs]
+    began = time.perf_counter()
+    before = dict(counts or {})
+    ours_results = answerer(questions, contexts, **options)
+    if counts is not None:
+        counts["last"] = (counts["calls"] - before["calls"], counts["hits"] - before["hits"])
+    reference_results = reference(question=questions, context=contexts, **options)
+    identical, worst, unexplained = compare(answerer, ours_results, reference_results, pairs, options, path)
+    # Shown with pytest -s: the figures the constants above record.
+    print(
+        f"\n{path} {options}: {identical}/{len(pairs)} identical, max relative score difference {worst:.2e}, "
+        f"{time.perf_counter() - began:.1f} s"
+    )
+    return identical, worst, unexplained
 
 
-def test_long_contexts_span_several_windows(squad_articles, pipelines):
-    ours, _ = pipelines
+# -- packed float32: the default path, on the full sample ---------------------------------------------
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=option_id)
+def test_packed_fp32_full_sample(sample, ours, reference, options):
+    answerer, counts = ours
+    identical, worst, unexplained = run_both(answerer, reference, sample, options, "float32", counts)
+    assert not unexplained, "\n".join(unexplained)
+    assert worst <= SCORE_RTOL["float32"]
+    assert identical >= MIN_IDENTICAL[(options["top_k"], options["handle_impossible_answer"])], identical
+    # The memo takes effect: the first full-sample run computes every batch, the next ones none.
+    calls, hits = counts["last"]
+    assert calls >= 544 / 16 and hits == (calls if counts.setdefault("full_runs", 0) else 0), counts
+    counts["full_runs"] += 1
+
+
+def test_long_contexts_span_several_windows(squad_articles, ours):
+    answerer, _ = ours
     pairs = long_context_pairs(squad_articles)
-    windows = ours.tokenizer.encode_windows([q for q, _ in pairs], [c for _, c in pairs], 384, 128)
+    windows = answerer.tokenizer.encode_windows([q for q, _ in pairs], [c for _, c in pairs], 384, 128)
     counts = [len(w) for w in windows]
     assert min(counts) >= 2 and sum(counts) >= 2 * len(pairs), counts
 
 
+def test_scores_look_trained(sample, ours):
+    """The checkpoint's best spans have the probabilities of a trained model's, so the score checks
+    above can fail: measured 0.02 to 0.65 (median 0.3) on these questions."""
+    answerer, _ = ours
+    scores = sorted(a["score"] for a in answerer([q for q, _ in sample[::8]], [c for _, c in sample[::8]]))
+    assert scores[0] > 0.005 and scores[len(scores) // 2] > 0.1, scores
+
+
+# -- the other paths, on subsamples -------------------------------------------------------------------
+
+
+def test_padded_fp32(sample, peaked_checkpoint, reference):
+    padded = QuestionAnswerer.from_pretrained(peaked_checkpoint, batch_size=16, packed=False)
+    pairs, options = sample[::4], dict(top_k=3, handle_impossible_answer=True)
+    identical, worst, unexplained = run_both(padded, reference, pairs, options, "float32")
+    assert not unexplained, "\n".join(unexplained)
+    assert worst <= SCORE_RTOL["float32"]
+    assert identical >= len(pairs) - 1, identical
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision(sample, peaked_checkpoint, reference, dtype):
+    half = QuestionAnswerer.from_pretrained(peaked_checkpoint, batch_size=16, dtype=dtype)
+    assert half.model.dtype == getattr(torch, dtype)
+    pairs, options = sample[::4], dict(top_k=1)
+    identical, worst, unexplained = run_both(half, reference, pairs, options, dtype)
+    assert not unexplained, "\n".join(unexplained)
+    assert worst <= SCORE_RTOL[dtype]
+    assert identical >= MIN_IDENTICAL_SHARE[dtype] * len(pairs), identical
+
+
+def test_compiled_matches_eager(sample, peaked_checkpoint, ours):
+    """compile=True runs torch.compile'd blocks of the same model: the same answers as eager fp32."""
+    compiled = QuestionAnswerer.from_pretrained(peaked_checkpoint, batch_size=16, compile=True)
+    eager, _ = ours
+    pairs, options = sample[::12][:48], dict(top_k=3)
+    questions, contexts = [q for q, _ in pairs], [c for _, c in pairs]
+    began = time.perf_counter()
+    got = compiled(questions, contexts, **options)
+    print(f"\ncompiled: {len(pairs)} pairs in {time.perf_counter() - began:.1f} s (compilation included)")
+    expected = eager(questions, contexts, **options)
+    worst = 0.0
+    for mine, theirs in zip(got, expected, strict=True):
+        assert [span(a) for a in mine] == [span(b) for b in theirs]
+        worst = max([worst, *(abs(a["score"] - b["score"]) / b["score"] for a, b in zip(mine, theirs))])
+    print(f"compiled vs eager: max relative score difference {worst:.2e}")
+    assert worst <= SCORE_RTOL["compiled"]
+
+
 @pytest.mark.slow  # many full passes of the published-size model on both sides
 @pytest.mark.parametrize("max_seq_len, doc_stride", [(64, 16), (128, 48)])
-def test_parity_with_many_small_windows(squad_articles, pipelines, max_seq_len, doc_stride):
+def test_parity_with_many_small_windows(squad_articles, ours, reference, max_seq_len, doc_stride):
     """Small windows: every context spans many windows, so cross-window merging is exercised often."""
-    run_both(
-        pipelines, squad_pairs(squad_articles, every=211), dict(top_k=3, max_seq_len=max_seq_len, doc_stride=doc_stride)
-    )
+    answerer, _ = ours
+    options = dict(top_k=3, max_seq_len=max_seq_len, doc_stride=doc_stride)
+    pairs = squad_pairs(squad_articles, every=211)
+    identical, worst, unexplained = run_both(answerer, reference, pairs, options, "float32")
+    assert not unexplained, "\n".join(unexplained)
+    assert worst <= SCORE_RTOL["float32"]
+    assert identical >= len(pairs) - 1

@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import SQUAD_FILE
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,7 +28,7 @@ from distilqa.squad import (
     write_predictions,
 )
 
-DEV_PATH = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad" / "dev-v1.1.json.zip"
+DEV_PATH = SQUAD_FILE  # $DISTILQA_DATA or ../shared/data (conftest)
 DEV_MEMBER = "dev-v1.1.json"
 
 

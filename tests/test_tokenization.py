@@ -21,7 +21,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Encoding
 
-from distilqa.tokenization import SPECIAL_TOKENS, QuestionContextTokenizer, build_wordpiece_tokenizer
+from distilqa.tokenization import (
+    CONFIGURED_COPIES,
+    SPECIAL_TOKENS,
+    QuestionContextTokenizer,
+    build_wordpiece_tokenizer,
+)
 
 # transformers' BertTokenizerFast builds its WordPiece model in a way tokenizers deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Deprecated in 0.9.0:DeprecationWarning")
@@ -315,6 +320,17 @@ def test_windows_overlap_by_doc_stride_and_cover_context(ours, max_seq_len, doc_
     context = " ".join(HAND_MADE) * 3
     windows = assert_windows_tile_context(ours, "Who won?", context, max_seq_len, doc_stride)
     assert len(windows) >= 2
+
+
+def test_settings_in_any_order_on_one_tokenizer_match_reference(ours, reference):
+    """Window settings share one tokenizer object, one configured copy each: every call gets its own
+    max_seq_len and doc_stride, whatever ran before, also after more settings than copies are kept."""
+    pairs = [(question, " ".join(HAND_MADE)) for question in HAND_QUESTIONS[:2]]
+    settings = [(64, 16), (64, 0), (48, 16), (64, 30), (48, 0)]
+    settings += [(32 + i, i) for i in range(CONFIGURED_COPIES)] + settings  # evicts the first ones, then revisits
+    for max_seq_len, doc_stride in settings:
+        assert compare_with_reference(ours, reference, pairs, max_seq_len, doc_stride) > 2 * len(pairs)
+    assert ours.tokenizer.truncation is None and ours.tokenizer.padding is None, "the shared object stays as built"
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

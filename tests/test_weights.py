@@ -4,9 +4,7 @@ sharding, options, and one clear error per kind of broken checkpoint."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -14,12 +12,10 @@ import torch
 from conftest import save_reference_checkpoint
 from safetensors.torch import load_file, save_file
 
-import distilqa.weights
 from distilqa import CheckpointError, DistilBertForQuestionAnswering, WeightsNotFoundError
 
 transformers = pytest.importorskip("transformers")
 
-REPO_ID = "distilbert/distilbert-base-cased-distilled-squad"
 TINY = dict(vocab_size=1000, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64)
 
 
@@ -382,58 +378,3 @@ def test_invalid_index(tiny_checkpoint, tiny_state, tmp_path, content):
     with pytest.raises(CheckpointError, match="not a valid safetensors index") as error:
         load_tiny(directory)
     assert "model.safetensors.index.json" in assert_not_bare_key_error(error)
-
-
-# -- hub ids ---------------------------------------------------------------------------------------
-
-
-def test_hub_id_offline_names_download_command_and_folder(tmp_path, monkeypatch):
-    import huggingface_hub
-
-    def offline(*args, **kwargs):
-        raise OSError("no network (test)")
-
-    monkeypatch.setenv("DISTILQA_WEIGHTS_DIR", str(tmp_path))
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(WeightsNotFoundError) as error:
-        DistilBertForQuestionAnswering.from_pretrained(REPO_ID)
-    message = str(error.value)
-    assert f"distilqa download {REPO_ID}" in message
-    assert str(tmp_path / REPO_ID) in message
-    assert "OSError: no network (test)" in message
-
-
-def network_available() -> bool:
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=2).close()
-    except OSError:
-        return False
-    return True
-
-
-def test_hub_id_really_offline(tmp_path, monkeypatch):
-    """The real download attempt, without a network: it must fail fast with the same message."""
-    if os.environ.get("HF_HUB_OFFLINE") != "1" and network_available():
-        pytest.skip("the network is reachable: this test is about the offline error")
-    monkeypatch.setenv("DISTILQA_WEIGHTS_DIR", str(tmp_path))
-    try:
-        DistilBertForQuestionAnswering.from_pretrained(REPO_ID)
-    except WeightsNotFoundError as error:
-        assert "distilqa download" in str(error)
-        assert str(tmp_path / REPO_ID) in str(error)
-    else:
-        pytest.skip("the download unexpectedly succeeded: this machine is online")
-
-
-def test_hub_id_already_in_weights_dir_needs_no_network(tiny_checkpoint, tiny_logits, tmp_path, monkeypatch):
-    import huggingface_hub
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("the network must not be used when the files are present")
-
-    shutil.copytree(tiny_checkpoint, tmp_path / "someone" / "tiny-qa")
-    monkeypatch.setenv("DISTILQA_WEIGHTS_DIR", str(tmp_path))
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
-    assert distilqa.weights.resolve_checkpoint("someone/tiny-qa") == tmp_path / "someone" / "tiny-qa"
-    model = DistilBertForQuestionAnswering.from_pretrained("someone/tiny-qa", attn_implementation="eager")
-    assert torch.equal(logits_of(model, TINY["vocab_size"]), tiny_logits)

@@ -1,0 +1,212 @@
+"""Bulk question answering on a Ray cluster (the ``ray`` extra): a pool of Ray Data actors, one model each.
+
+    pairs ──from_items──▶ blocks of rows {index, question, context}
+          ──map_batches(PairAnswerer, ActorPoolStrategy(size=workers))──▶ {index, answer (JSON), error}
+          ──iter_rows, input order──▶ answers
+
+Each actor loads its own :class:`~distilqa.pipeline.QuestionAnswerer` once and answers batches of
+``rows_per_batch`` pairs with it. Ray Data restarts an actor that dies and retries its batch
+(``max_restarts`` / ``max_task_retries``), and the driver keeps only the first answer it sees for a
+pair index and checks that every index arrives, so a retried batch never yields an answer twice or
+drops one. The rows come back in input order (``preserve_order``). A pair the pipeline refuses
+("context has no tokens") becomes an error for that pair only, reported once the run is done.
+
+By default a local Ray instance is started (and shut down after); ``address`` joins an existing
+cluster (``"auto"``, ``"HOST:6379"``, or ``"ray://HOST:10001"``), see the README's recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+LOCAL = "local"  # the address meaning "start a local Ray instance"
+
+
+def _require_ray():
+    try:
+        import ray
+        import ray.data
+    except ImportError as error:
+        raise ImportError(
+            f"bulk answering on Ray needs ray[data] ({error.name} is missing): pip install 'distilqa[ray]'"
+        ) from None
+    return ray
+
+
+class PairAnswerer:
+    """A Ray Data actor: one QuestionAnswerer, loaded once, answering batches of rows.
+
+    A batch is ``{"index": (n,) int64, "question": (n,) str, "context": (n,) str}``; the result is
+    ``{"index": (n,), "answer": (n,) JSON text of the answer (or top_k list), "error": (n,) str}``
+    with an empty error where the pair was answered."""
+
+    def __init__(self, model: str, load_options: dict[str, Any], options: dict[str, Any], threads: int | None):
+        import torch
+
+        from distilqa.pipeline import QuestionAnswerer
+
+        if threads:
+            torch.set_num_threads(threads)  # one actor per CPU slot: do not oversubscribe the node's cores
+        self.answerer = QuestionAnswerer.from_pretrained(model, **load_options)
+        self.options = options
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        questions, contexts = [str(q) for q in batch["question"]], [str(c) for c in batch["context"]]
+        answers: list[Any] = []
+        errors: list[str] = []
+        try:
+            answers = self.answerer(questions, contexts, **self.options)
+            errors = [""] * len(questions)
+        except ValueError:  # one pair is refused: answer the others one by one, keep its message
+            for question, context in zip(questions, contexts):
+                try:
+                    answers.append(self.answerer(question, context, **self.options))
+                    errors.append("")
+                except ValueError as error:
+                    answers.append(None)
+                    errors.append(str(error).replace("question 0", "the question").replace("context 0", "the context"))
+        return {
+            "index": np.asarray(batch["index"], dtype=np.int64),
+            "answer": np.array([json.dumps(a, ensure_ascii=False) for a in answers], dtype=object),
+            "error": np.array(errors, dtype=object),
+        }
+
+
+class PairError(ValueError):
+    """Some pairs could not be answered; ``errors`` maps their input positions to the reasons."""
+
+    def __init__(self, errors: dict[int, str]):
+        self.errors = errors
+        first = min(errors)
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        super().__init__(f"pair {first}: {errors[first]}{more}")
+
+
+def iter_answers_on_ray(
+    questions: Sequence[str],
+    contexts: Sequence[str],
+    model: str | os.PathLike,
+    address: str | None = LOCAL,
+    workers: int | None = None,
+    cpus_per_worker: float = 1.0,
+    gpus_per_worker: float = 0.0,
+    rows_per_batch: int = 64,
+    load_options: dict[str, Any] | None = None,
+    actor_class: type = PairAnswerer,
+    **options: Any,
+) -> Iterator[tuple[int, Any | None, str]]:
+    """Answer ``questions[i]`` about ``contexts[i]`` on Ray; yields ``(i, answer, error)`` for every
+    i in input order, each exactly once (answer None and a message where the pair was refused).
+
+    ``workers``: actors in the pool (default: the cluster's CPUs // ``cpus_per_worker``); each
+    loads ``model`` with ``QuestionAnswerer.from_pretrained(model, **load_options)`` and answers with
+    ``options`` (top_k, max_answer_len, ...). ``address``: ``"local"`` (or None) starts a local Ray
+    instance for this call; anything else is passed to ``ray.init(address=...)``. If Ray is
+    already initialised in this process, that connection is used. ``actor_class`` is for tests."""
+    ray = _require_ray()
+    if len(questions) != len(contexts):
+        raise ValueError(f"got {len(questions)} questions but {len(contexts)} contexts; they pair up one to one")
+    if not questions:
+        return
+    for name, value in (("rows_per_batch", rows_per_batch), ("workers", workers)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(
+            address=None if address in (None, LOCAL) else address,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    context = ray.data.DataContext.get_current()
+    keep_order = context.execution_options.preserve_order
+    keep_progress = context.enable_progress_bars
+    try:
+        context.execution_options.preserve_order = True
+        context.enable_progress_bars = False  # the caller's tqdm bar counts answers instead
+        if workers is None:
+            workers = max(1, int(ray.cluster_resources().get("CPU", 1) // max(cpus_per_worker, 1e-9)))
+        rows = [{"index": i, "question": q, "context": c} for i, (q, c) in enumerate(zip(questions, contexts))]
+        blocks = max(1, min(len(rows), -(-len(rows) // rows_per_batch)))
+        dataset = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
+            actor_class,
+            batch_size=rows_per_batch,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=cpus_per_worker,
+            num_gpus=gpus_per_worker or None,
+            fn_constructor_kwargs=dict(
+                model=str(model),
+                load_options=dict(load_options or {}),
+                options=options,
+                threads=max(1, int(cpus_per_worker)),
+            ),
+        )
+        expected = 0
+        for row in dataset.iter_rows():
+            index = int(row["index"])
+            if index < expected:  # a batch that was retried after its first output arrived: already yielded
+                continue
+            if index != expected:
+                raise RuntimeError(f"Ray returned pair {index} while pair {expected} was still missing")
+            answer = json.loads(row["answer"])
+            yield index, answer, str(row["error"])
+            expected += 1
+        if expected != len(rows):
+            raise RuntimeError(f"Ray returned {expected} of {len(rows)} answers")
+    finally:
+        context.execution_options.preserve_order = keep_order
+        context.enable_progress_bars = keep_progress
+        if started_here:
+            ray.shutdown()
+
+
+def answer_on_ray(
+    questions: Sequence[str], contexts: Sequence[str], model: str | os.PathLike, **kwargs: Any
+) -> list[Any]:
+    """The answers of :func:`iter_answers_on_ray` as a list in input order; raises :class:`PairError`
+    naming the refused pairs, if any."""
+    answers, errors = [], {}
+    for index, answer, error in iter_answers_on_ray(questions, contexts, model, **kwargs):
+        answers.append(answer)
+        if error:
+            errors[index] = error
+    if errors:
+        raise PairError(errors)
+    return answers
+
+
+def answer_file_on_ray(
+    input_path: Path, output_path: Path, model: str | os.PathLike, progress: bool = True, **kwargs: Any
+) -> int:
+    """Answer a JSON Lines file of ``{"question", "context"[, "id"]}`` objects into ``output_path``
+    (``{"id"?, "question", "answer"}`` per line, in input order), as ``distilqa ask --input`` does.
+    The output is written under a temporary name and renamed once complete; a refused pair raises
+    ``ValueError`` naming its line, and leaves any existing output as it was. Returns the pair count."""
+    from distilqa.cli import open_output, read_pairs
+
+    lines, pairs = zip(*read_pairs(input_path))  # every line checked before Ray starts
+    questions, contexts = [p["question"] for p in pairs], [p["context"] for p in pairs]
+    errors: dict[int, str] = {}
+    with open_output(output_path) as out, tqdm(total=len(pairs), unit="question", disable=not progress) as bar:
+        for index, answer, error in iter_answers_on_ray(questions, contexts, model, **kwargs):
+            bar.update(1)
+            if error:
+                errors[index] = error
+                continue
+            record = {"id": pairs[index]["id"]} if "id" in pairs[index] else {}
+            record.update(question=pairs[index]["question"], answer=answer)
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if errors:  # raised inside open_output: the partial file is removed, an old output kept
+            first = min(errors)
+            more = f" (and {len(errors) - 1} more lines)" if len(errors) > 1 else ""
+            raise ValueError(f"{input_path}:{lines[first]}: {errors[first]}{more}")
+    return len(pairs)

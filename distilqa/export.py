@@ -1,0 +1,220 @@
+"""Export the hand-written model to ONNX, checked against its own logits before anything is written.
+
+The folder that :func:`export_onnx` writes runs in any ONNX runtime::
+
+    DIR/model.onnx              inputs  input_ids (batch, seq) int64, attention_mask (batch, seq) int64
+                                outputs start_logits (batch, seq) float32, end_logits (batch, seq) float32
+    DIR/config.json             the model's configuration
+    DIR/tokenizer.json, vocab.txt, tokenizer_config.json   the tokenizer files of the checkpoint
+
+``batch`` and ``seq`` are dynamic axes (seq up to the model's ``max_position_embeddings``). The graph
+is traced from the same :class:`~distilqa.model.DistilBertForQuestionAnswering` object distilqa
+runs, through a two-line adapter that only turns its output dataclass into a tuple. At export time
+onnxruntime runs the file at several shapes, padded and unpadded, and the largest absolute
+difference from the model's own logits is reported; above ``tolerance`` (1e-4) nothing is written.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from distilqa.model import DistilBertForQuestionAnswering
+from distilqa.weights import CONFIG_FILE, TOKENIZER_FILES, resolve_checkpoint
+
+ONNX_FILE = "model.onnx"
+INPUT_NAMES = ("input_ids", "attention_mask")
+OUTPUT_NAMES = ("start_logits", "end_logits")
+DEFAULT_TOLERANCE = 1e-4
+# (batch, seq) shapes the export is checked at: one token row up to several rows of different lengths.
+DEFAULT_CHECK_SHAPES: tuple[tuple[int, int], ...] = ((1, 7), (2, 33), (4, 64), (3, 128))
+ONNX_OPSET = 17  # LayerNormalization is a single op from 17 on
+
+
+class ExportCheckError(ValueError):
+    """onnxruntime's logits differ from the model's by more than the tolerance."""
+
+
+@dataclass
+class ExportReport:
+    """What was written and how closely onnxruntime reproduces the model."""
+
+    directory: Path
+    max_abs_diff: float  # over every checked shape, padded and unpadded, start and end logits
+    checked: list[tuple[int, int, bool]]  # (batch, seq, padded) of each check
+    tolerance: float
+
+    def format(self) -> str:
+        shapes = ", ".join(f"{b}x{s}{' padded' if p else ''}" for b, s, p in self.checked)
+        return (
+            f"wrote {self.directory / ONNX_FILE}; onnxruntime vs distilqa logits: max |difference| "
+            f"{self.max_abs_diff:.2e} (limit {self.tolerance:.0e}) at {shapes}"
+        )
+
+
+class _TupleOutput(nn.Module):
+    """Holds the model and returns its logits as a tuple, since ONNX graphs output tensors, not dataclasses."""
+
+    def __init__(self, model: DistilBertForQuestionAnswering):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        output = self.model(input_ids, attention_mask)
+        return output.start_logits, output.end_logits  # (batch, seq) each
+
+
+def _require_onnx():
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as error:
+        raise ImportError(
+            f"ONNX export needs onnx and onnxruntime ({error.name} is missing): pip install 'distilqa[onnx]'"
+        ) from None
+    return onnx, onnxruntime
+
+
+def check_inputs(
+    vocab_size: int, batch: int, seq: int, padded: bool, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Random token ids (batch, seq) and an attention mask (batch, seq): all ones, or with ``padded``
+    the rows shortened to decreasing lengths (the first row stays full) with pad id 0 after them."""
+    input_ids = torch.randint(1, vocab_size, (batch, seq), generator=generator)
+    attention_mask = torch.ones(batch, seq, dtype=torch.long)
+    if padded:
+        for row in range(1, batch):
+            length = max(1, seq - row * max(1, seq // (batch + 1)))
+            attention_mask[row, length:] = 0
+            input_ids[row, length:] = 0
+    return input_ids, attention_mask
+
+
+def compare_with_onnxruntime(
+    model: DistilBertForQuestionAnswering,
+    onnx_path: str | os.PathLike,
+    shapes: Sequence[tuple[int, int]] = DEFAULT_CHECK_SHAPES,
+    seed: int = 0,
+) -> tuple[float, list[tuple[int, int, bool]]]:
+    """Run ``model`` and the ONNX file at each (batch, seq), unpadded and padded, on the same random
+    inputs; returns the largest |difference| of the start and end logits, and what was checked."""
+    _, onnxruntime = _require_onnx()
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(seed)
+    worst, checked = 0.0, []
+    for batch, seq in shapes:
+        for padded in (False, True) if batch > 1 else (False,):
+            input_ids, attention_mask = check_inputs(model.config.vocab_size, batch, seq, padded, generator)
+            with torch.inference_mode():
+                expected = model(input_ids.to(model.device), attention_mask.to(model.device))
+            got = session.run(
+                list(OUTPUT_NAMES), {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
+            )
+            for reference, value in zip((expected.start_logits, expected.end_logits), got):
+                worst = max(worst, (reference.float().cpu() - torch.from_numpy(value)).abs().max().item())
+            checked.append((batch, seq, padded))
+    return worst, checked
+
+
+def export_onnx(
+    model: str | os.PathLike | DistilBertForQuestionAnswering,
+    directory: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    check_shapes: Sequence[tuple[int, int]] = DEFAULT_CHECK_SHAPES,
+) -> ExportReport:
+    """Export a checkpoint (folder or hub repo id) or a loaded model to ``directory/model.onnx``,
+    with config.json and the tokenizer files beside it.
+
+    A loaded ``model`` is exported as it is (float32, on its device) and needs ``tokenizer_dir``,
+    the folder of its tokenizer files. The export is checked with onnxruntime at ``check_shapes``
+    before ``directory`` is touched: above ``tolerance`` it raises :class:`ExportCheckError` with
+    the max difference, and nothing is written. Files are written to a temporary folder first and
+    moved into ``directory`` only once complete.
+    """
+    _require_onnx()
+    if isinstance(model, DistilBertForQuestionAnswering):
+        if tokenizer_dir is None:
+            raise ValueError("exporting a loaded model needs tokenizer_dir, the folder of its tokenizer files")
+        source = Path(tokenizer_dir)
+    else:
+        source = resolve_checkpoint(model)
+        model = DistilBertForQuestionAnswering.from_pretrained(source)
+    if model.dtype != torch.float32:
+        raise ValueError(f"export runs in float32; this model is {model.dtype} (load it with dtype=None)")
+    if model.attn_implementation not in ("eager", "sdpa"):
+        raise ValueError(
+            f"the {model.attn_implementation!r} attention core does not export to ONNX; "
+            "call model.set_attn_implementation('sdpa') first"
+        )
+    if not any((source / name).exists() for name in ("tokenizer.json", "vocab.txt")):
+        raise FileNotFoundError(
+            f"{source} has no tokenizer files (tokenizer.json or vocab.txt) to put beside the model"
+        )
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"--onnx {directory} is a file; name a folder")
+    if (directory / ONNX_FILE).exists():
+        raise FileExistsError(f"{directory / ONNX_FILE} already exists; remove it or choose another folder")
+
+    was_training = model.training
+    model.eval()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix=f".{directory.name}.", dir=directory.parent) as temporary:
+            staging = Path(temporary)
+            trace_example(model, staging / ONNX_FILE)
+            max_abs_diff, checked = compare_with_onnxruntime(model, staging / ONNX_FILE, check_shapes)
+            if not max_abs_diff <= tolerance:  # also catches NaN
+                raise ExportCheckError(
+                    f"onnxruntime's logits differ from distilqa's by up to {max_abs_diff:.3g}, above the "
+                    f"{tolerance:g} limit; nothing was written"
+                )
+            model.config.to_json_file(staging / CONFIG_FILE)
+            for name in TOKENIZER_FILES:
+                if (source / name).exists():
+                    shutil.copyfile(source / name, staging / name)
+            directory.mkdir(exist_ok=True)
+            last_first = sorted(staging.iterdir(), key=lambda path: path.name == ONNX_FILE)
+            for path in last_first:  # model.onnx last: the folder is complete once it is there
+                os.replace(path, directory / path.name)
+    finally:
+        model.train(was_training)
+    return ExportReport(directory, max_abs_diff, checked, tolerance)
+
+
+def trace_example(model: DistilBertForQuestionAnswering, path: Path) -> None:
+    """Write the ONNX graph of ``model`` with dynamic batch and sequence axes.
+
+    The TorchScript exporter (``dynamo=False``) records the operations one padded example runs. The
+    model skips its attention mask when every token is real, a data-dependent branch that
+    ``torch.export`` cannot trace; tracing a padded example records the masked path, which is exact
+    for unpadded input too (a mask of all ones masks nothing)."""
+    length = min(16, model.config.max_position_embeddings)
+    input_ids, attention_mask = check_inputs(model.config.vocab_size, 2, length, True, torch.Generator().manual_seed(0))
+    axes = {name: {0: "batch", 1: "seq"} for name in (*INPUT_NAMES, *OUTPUT_NAMES)}
+    backend = model.linear_backend
+    model.set_linear_backend("aten")  # oneDNN's GEMM is a custom op with no ONNX form; the arithmetic is the same
+    try:
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("ignore")  # TracerWarnings about Python bools of shapes: checked at export, not graph
+            torch.onnx.export(
+                _TupleOutput(model).eval(),  # the exporter restores the wrapper's mode on the model: keep it eval
+                (input_ids.to(model.device), attention_mask.to(model.device)),
+                str(path),
+                input_names=list(INPUT_NAMES),
+                output_names=list(OUTPUT_NAMES),
+                dynamic_axes=axes,
+                opset_version=ONNX_OPSET,
+                dynamo=False,
+            )
+    finally:
+        model.set_linear_backend(backend)

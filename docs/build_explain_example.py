@@ -1,0 +1,61 @@
+"""Make the `distilqa explain` pictures shown in the README, with a random published-size checkpoint.
+
+    python docs/build_explain_example.py    # writes docs/images/explain-probabilities.png and -attention-grid.png
+
+The real weights cannot be downloaded where these pictures were made, so the model is distilqa's own
+DistilBertForQuestionAnswering at the published configuration with random weights (seed 0), saved as
+a checkpoint with the real cased vocabulary; every picture says "random weights". The same command,
+`distilqa explain`, draws the real pictures wherever the trained checkpoint is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "docs"))
+from build_walkthrough import CONTEXT, QUESTION, VOCAB_FILE  # noqa: E402 (the walkthrough's example)
+
+IMAGES = ROOT / "docs" / "images"
+LABEL = "random weights (published configuration, seed 0), not the trained model"
+PICTURES = ("probabilities", "attention_grid")  # the two the README shows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=IMAGES, help=f"folder for the PNGs (default {IMAGES})")
+    parser.add_argument("--vocab", type=Path, default=VOCAB_FILE, help="the cased vocab.txt")
+    parser.add_argument("--html", type=Path, help="also keep the HTML page here")
+    args = parser.parse_args(argv)
+
+    from distilqa.config import DistilBertConfig
+    from distilqa.explain import write_explanation
+    from distilqa.model import DistilBertForQuestionAnswering
+    from distilqa.pipeline import QuestionAnswerer
+    from distilqa.tokenization import QuestionContextTokenizer, write_tokenizer_files
+
+    with tempfile.TemporaryDirectory() as scratch:
+        checkpoint, pictures = Path(scratch) / "checkpoint", Path(scratch) / "pictures"
+        torch.manual_seed(0)
+        DistilBertForQuestionAnswering(DistilBertConfig()).save_pretrained(checkpoint)
+        write_tokenizer_files(checkpoint, args.vocab, lowercase=False)
+        model = DistilBertForQuestionAnswering.from_pretrained(checkpoint)
+        answerer = QuestionAnswerer(model, QuestionContextTokenizer.from_pretrained(checkpoint))
+        result = write_explanation(answerer, QUESTION, CONTEXT, pictures, label=LABEL)
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name in PICTURES:
+            shutil.copyfile(result.files[name], args.out / f"explain-{name.replace('_', '-')}.png")
+        if args.html:
+            shutil.copyfile(result.files["html"], args.html)
+    print(f"wrote {len(PICTURES)} pictures into {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Seeded bugs: does the test suite catch them? Run on demand (not collected by pytest):
+
+    python tests/seeded_bugs.py            # every bug
+    python tests/seeded_bugs.py -k merge   # the bugs whose name contains "merge"
+
+Each bug is one textual change to a COPY of the package (the real files are never touched: others
+may be editing them). The copy (distilqa/, tests/, pyproject.toml) is made once per bug in a
+temporary folder; the bug's test subset runs there in a subprocess (``-x``, the copy first on the
+import path). A bug is caught when that run fails. The script prints one line per bug and exits 1
+if any bug escaped. When a bug escapes, write the test that catches it, and keep the bug here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Bug:
+    name: str
+    path: str  # relative to the repository
+    old: str  # must occur exactly once
+    new: str
+    tests: tuple[str, ...]  # pytest arguments, run in the copy
+
+
+BUGS = [
+    # -- the model ---------------------------------------------------------------------------------
+    Bug(
+        "model: FFN residual dropped",
+        "distilqa/model.py",
+        "x = self.output_layer_norm(self.ffn(x) + x)",
+        "x = self.output_layer_norm(self.ffn(x))",
+        ("tests/test_model_parity.py", "-k", "small_configurations"),
+    ),
+    Bug(
+        "model: positions start at 1",
+        "distilqa/model.py",
+        "position_ids = torch.arange(input_ids.size(1), device=input_ids.device)[None, :]",
+        "position_ids = torch.arange(1, input_ids.size(1) + 1, device=input_ids.device)[None, :]",
+        ("tests/test_model_parity.py", "-k", "small_configurations"),
+    ),
+    Bug(
+        "model: tanh-approximate GELU",
+        "distilqa/model.py",
+        'self.activation = F.gelu if config.activation == "gelu" else F.relu',
+        'self.activation = (lambda x: F.gelu(x, approximate="tanh")) if config.activation == "gelu" else F.relu',
+        ("tests/test_model_parity.py", "-k", "small_configurations"),
+    ),
+    Bug(
+        "model: start and end logits swapped",
+        "distilqa/model.py",
+        "start_logits, end_logits = logits.unbind(dim=-1)",
+        "end_logits, start_logits = logits.unbind(dim=-1)",
+        ("tests/test_model_parity.py", "-k", "small_configurations"),
+    ),
+    Bug(
+        "model: loss does not ignore out-of-range positions",
+        "distilqa/model.py",
+        "start_positions = start_positions.reshape(-1).clamp(0, seq)",
+        "start_positions = start_positions.reshape(-1).clamp(0, seq - 1)",
+        ("tests/test_model_parity.py", "-k", "loss or out_of_range"),
+    ),
+    # -- attention ---------------------------------------------------------------------------------
+    Bug(
+        "attention: scale 1/d instead of 1/sqrt(d)",
+        "distilqa/attention.py",
+        "scale = query.size(-1) ** -0.5",
+        "scale = query.size(-1) ** -1.0",
+        ("tests/test_attention.py",),
+    ),
+    Bug(
+        "attention: mask inverted",
+        "distilqa/attention.py",
+        "scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)",
+        "scores = scores.masked_fill(mask, torch.finfo(scores.dtype).min)",
+        ("tests/test_attention.py",),
+    ),
+    Bug(
+        "attention: sdpa NaN on an all-padding row",
+        "distilqa/attention.py",
+        "mask = mask | ~mask.any(dim=-1, keepdim=True)  # (batch, 1, 1, seq)",
+        "mask = mask  # (batch, 1, 1, seq)",
+        ("tests/test_attention.py",),
+    ),
+    Bug(
+        "attention: packed windows attend across windows",
+        "distilqa/attention.py",
+        "return attend_each_window(core, query, key, value, mask, dropout_p)",
+        "return core(query, key, value, None, dropout_p, need_weights)",
+        ("tests/test_attention.py", "-k", "packed"),
+    ),
+    Bug(
+        "windowing: positions do not restart in each packed window",
+        "distilqa/attention.py",
+        "return torch.cat([torch.arange(n, device=device) for n in self.lengths])[None, :]",
+        "return torch.arange(self.total, device=device)[None, :]",
+        ("tests/test_attention.py", "-k", "packed"),
+    ),
+    # -- windows and the pipeline's batches ----------------------------------------------------------
+    Bug(
+        "windowing: a pair's windows reversed",
+        "distilqa/pipeline.py",
+        "windows.extend(Window(offset + pair, encoding) for encoding in encodings)",
+        "windows.extend(Window(offset + pair, encoding) for encoding in reversed(encodings))",
+        ("tests/test_pipeline_inputs.py", "-k", "summed_scores"),
+    ),
+    Bug(
+        "windowing: packed logits split by sorted lengths",
+        "distilqa/pipeline.py",
+        "for logits in (output.start_logits, output.end_logits))",
+        "for logits in (output.start_logits, output.end_logits)) if False else (l[0].float().split("
+        "sorted(lengths)) for l in (output.start_logits, output.end_logits))",
+        ("tests/test_pipeline_inputs.py", "-k", "batching_does_not_change"),
+    ),
+    Bug(
+        "windowing: CLS not kept for 'no answer'",
+        "distilqa/pipeline.py",
+        "allowed = context | (ids == cls)",
+        "allowed = context",
+        ("tests/test_pipeline_inputs.py", "-k", "summed_scores"),
+    ),
+    # -- span decoding -----------------------------------------------------------------------------
+    Bug(
+        "decoding: max_answer_len off by one",
+        "distilqa/pipeline.py",
+        "lengths = min(max_answer_len, seq)",
+        "lengths = min(max_answer_len + 1, seq)",
+        ("tests/test_pipeline_inputs.py", "-k", "summed_scores"),
+    ),
+    Bug(
+        "decoding: CLS may start an answer",
+        "distilqa/pipeline.py",
+        "p_start[:, 0] = 0.0  # CLS",
+        "p_start[:, 0] = p_start[:, 0]  # CLS",
+        ("tests/test_pipeline_inputs.py", "-k", "summed_scores or empty_answer or impossible"),
+    ),
+    Bug(
+        "decoding: excluded tokens masked with -100 instead of -10000",
+        "distilqa/pipeline.py",
+        "EXCLUDED_LOGIT = -10000.0",
+        "EXCLUDED_LOGIT = -20.0",
+        ("tests/test_pipeline_inputs.py", "-k", "summed_scores"),
+    ),
+    # -- answer merging ----------------------------------------------------------------------------
+    Bug(
+        "merging: max instead of sum of equal answers",
+        "distilqa/pipeline.py",
+        'merged["score"] += score',
+        'merged["score"] = max(merged["score"], score)',
+        ("tests/test_pipeline_inputs.py", "-k", "summed_scores"),
+    ),
+    Bug(
+        "merging: 'no answer' is the highest CLS score, not the lowest",
+        "distilqa/pipeline.py",
+        "null_scores[pair] = min(null_scores[pair], null_score)",
+        "null_scores[pair] = max(null_scores[pair], null_score) if null_scores[pair] != float('inf') else null_score",
+        ("tests/test_pipeline_inputs.py", "-k", "summed_scores"),
+    ),
+    Bug(
+        "merging: the last window's offsets kept instead of the first's",
+        "distilqa/pipeline.py",
+        'merged["score"] += score',
+        'merged["score"] += score\n            merged["start"], merged["end"], merged["answer"] = start, end, text',
+        ("tests/test_pipeline_inputs.py", "-k", "summed_scores"),
+    ),
+    # -- the metric --------------------------------------------------------------------------------
+    Bug(
+        "metric: articles removed inside words",
+        "distilqa/squad.py",
+        '_ARTICLES = re.compile(r"\\b(a|an|the)\\b")',
+        '_ARTICLES = re.compile(r"(a|an|the)")',
+        ("tests/test_squad.py",),
+    ),
+    Bug(
+        "metric: F1 over token sets, not multisets",
+        "distilqa/squad.py",
+        "common = Counter(prediction_tokens) & Counter(ground_truth_tokens)",
+        "common = Counter(set(prediction_tokens) & set(ground_truth_tokens))",
+        ("tests/test_squad.py",),
+    ),
+    Bug(
+        "metric: unanswered questions left out of the mean",
+        "distilqa/squad.py",
+        "exact_match=100.0 * exact_match / total,",
+        "exact_match=100.0 * exact_match / max(answered, 1),",
+        ("tests/test_squad.py",),
+    ),
+    # -- loaders -----------------------------------------------------------------------------------
+    Bug(
+        "loader: q_lin weights transposed",
+        "distilqa/weights.py",
+        "        converted[name] = tensor\n",
+        "        converted[name] = tensor.t() if name.endswith('q_lin.weight') else tensor\n",
+        ("tests/test_model_parity.py", "-k", "small_configurations"),
+    ),
+    Bug(
+        "loader: SQuAD answer starts all 0",
+        "distilqa/squad.py",
+        'starts.append(_field(answer, "answer_start", int, answer_where, source))',
+        'starts.append(0 * _field(answer, "answer_start", int, answer_where, source))',
+        ("tests/test_squad.py",),
+    ),
+    # -- the command line --------------------------------------------------------------------------
+    Bug(
+        "cli: failing pair named by its position in the chunk, not its line",
+        "distilqa/cli.py",
+        "line = lines[first + error.index]",
+        "line = lines[error.index]",
+        ("tests/test_cli.py", "-k", "jsonl"),
+    ),
+]
+
+
+def run_bug(bug: Bug, data: str, timeout: float) -> tuple[bool, float, str]:
+    """(caught, seconds, last line of the test run) for one bug applied to a fresh copy."""
+    with tempfile.TemporaryDirectory(prefix="seeded-bug-") as folder:
+        copy = Path(folder)
+        shutil.copytree(REPO / "distilqa", copy / "distilqa", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(REPO / "tests", copy / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy(REPO / "pyproject.toml", copy / "pyproject.toml")
+        target = copy / bug.path
+        text = target.read_text(encoding="utf-8")
+        if text.count(bug.old) != 1:
+            raise SystemExit(f"{bug.name}: the text to change occurs {text.count(bug.old)} times in {bug.path}")
+        target.write_text(text.replace(bug.old, bug.new), encoding="utf-8")
+        # The copy first on the import path: cwd (python -m puts it first) and PYTHONPATH for subprocesses.
+        env = {**os.environ, "PYTHONPATH": str(copy), "DISTILQA_DATA": data, "PYTHONDONTWRITEBYTECODE": "1"}
+        command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *bug.tests]
+        began = time.perf_counter()
+        try:
+            result = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return False, time.perf_counter() - began, f"timed out after {timeout:.0f} s"
+        seconds = time.perf_counter() - began
+        lines = [line for line in result.stdout.splitlines() if line.strip()]
+        summary = lines[-1] if lines else result.stderr.strip()[-200:]
+        if result.returncode == 5:  # no test collected: the selection is wrong, not a catch
+            return False, seconds, "no test selected: " + summary
+        return result.returncode != 0, seconds, summary
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-k", default="", help="only the bugs whose name contains this")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per bug's test run (default 900)")
+    parser.add_argument(
+        "--data",
+        default=os.environ.get("DISTILQA_DATA", str(REPO.parent / "shared" / "data")),
+        help="the shared data folder (default $DISTILQA_DATA, else ../shared/data)",
+    )
+    args = parser.parse_args()
+    bugs = [bug for bug in BUGS if args.k in bug.name]
+    escaped = []
+    for number, bug in enumerate(bugs, start=1):
+        caught, seconds, summary = run_bug(bug, args.data, args.timeout)
+        print(f"[{number}/{len(bugs)}] {'caught ' if caught else 'ESCAPED'} {bug.name} ({seconds:.0f} s): {summary}")
+        sys.stdout.flush()
+        if not caught:
+            escaped.append(bug.name)
+    print(f"{len(bugs) - len(escaped)} of {len(bugs)} seeded bugs caught" + (f"; escaped: {escaped}" if escaped else ""))
+    return 1 if escaped else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
