@@ -130,7 +130,7 @@ def measure_ray(
     from distilqa.bulk import PairAnswerer, answer_on_ray
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
     rows = []
     try:
         for workers in [int(w) for w in args.ray_workers.split(",") if w]:
@@ -170,6 +170,7 @@ def measure_ray(
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device, _ = setup(args)
+    machine = machine_info(device)  # before the work: its load average is the one at the start
     if not args.data.exists():
         raise SystemExit(f"SQuAD v1.1 not found at {args.data}; pass --data")
     squad = read_squad(args.data)[: 32 if args.small else args.questions]
@@ -181,7 +182,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ray_rows = measure_ray(answerer, checkpoint, questions, contexts, args) if args.ray_workers else []
     return {
         "benchmark": "serve",
-        "machine": {**machine_info(device), "load_average_at_end": load_average()},
+        "machine": {**machine, "load_average_at_end": load_average()},
         "settings": {
             "data": str(args.data),
             "questions": len(questions),

@@ -12,7 +12,7 @@ drops one. The rows come back in input order (``preserve_order``). A pair the pi
 ("context has no tokens") becomes an error for that pair only, reported once the run is done.
 
 By default a local Ray instance is started (and shut down after); ``address`` joins an existing
-cluster (``"auto"``, ``"HOST:6379"``, or ``"ray://HOST:10001"``), see the README's recipe.
+cluster (``"HOST:6379"``, ``"ray://HOST:10001"`` or ``"auto"``), see the README's recipe.
 """
 
 from __future__ import annotations
@@ -105,10 +105,12 @@ def iter_answers_on_ray(
     """Answer ``questions[i]`` about ``contexts[i]`` on Ray; yields ``(i, answer, error)`` for every
     i in input order, each exactly once (answer None and a message where the pair was refused).
 
-    ``workers``: actors in the pool (default: the cluster's CPUs // ``cpus_per_worker``); each
-    loads ``model`` with ``QuestionAnswerer.from_pretrained(model, **load_options)`` and answers with
-    ``options`` (top_k, max_answer_len, ...). ``address``: ``"local"`` (or None) starts a local Ray
-    instance for this call; anything else is passed to ``ray.init(address=...)``. If Ray is
+    ``workers``: actors in the pool (default: the cluster's CPUs // ``cpus_per_worker``, or GPUs //
+    ``gpus_per_worker`` when that is set); each loads ``model`` with
+    ``QuestionAnswerer.from_pretrained(model, **load_options)`` and answers with ``options``
+    (top_k, max_answer_len, ...). ``address``: ``"local"`` starts a local Ray instance for this
+    call; None lets Ray choose (``$RAY_ADDRESS``, a cluster started on this machine, or a new local
+    instance); anything else is passed to ``ray.init(address=...)``. If Ray is
     already initialised in this process, that connection is used. ``actor_class`` is for tests."""
     ray = _require_ray()
     if len(questions) != len(contexts):
@@ -121,7 +123,7 @@ def iter_answers_on_ray(
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(
-            address=None if address in (None, LOCAL) else address,
+            address=address,  # "local": always a new instance, even where `ray start` left a cluster behind
             include_dashboard=False,
             log_to_driver=False,
             configure_logging=False,
@@ -132,8 +134,9 @@ def iter_answers_on_ray(
     try:
         context.execution_options.preserve_order = True
         context.enable_progress_bars = False  # the caller's tqdm bar counts answers instead
-        if workers is None:
-            workers = max(1, int(ray.cluster_resources().get("CPU", 1) // max(cpus_per_worker, 1e-9)))
+        if workers is None:  # as many as the cluster's CPUs (or GPUs, for GPU workers) hold
+            resource, each = ("GPU", gpus_per_worker) if gpus_per_worker else ("CPU", cpus_per_worker)
+            workers = max(1, int(ray.cluster_resources().get(resource, 1) // each))
         rows = [{"index": i, "question": q, "context": c} for i, (q, c) in enumerate(zip(questions, contexts))]
         blocks = max(1, min(len(rows), -(-len(rows) // rows_per_batch)))
         dataset = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(

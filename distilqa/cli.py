@@ -132,7 +132,62 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--head", help="LAYER.HEAD (0-based) to draw in full (default: the head most on the answer)")
     explain.add_argument("--max-answer-len", type=int, default=15, help="longest answer in tokens (default 15)")
     explain.set_defaults(handler=run_explain)
+    add_train_parser(commands)
+    add_heads_parser(commands)
     return parser
+
+
+def add_train_parser(commands) -> None:
+    # No defaults here: options not given are absent, and distilqa.train.TrainingOptions supplies them
+    # (transformers' SQuAD recipe for DistilBERT), so the parser needs no torch import.
+    train = commands.add_parser(
+        "train",
+        help="fine-tune (or distil) a checkpoint on SQuAD v1.1 data",
+        argument_default=argparse.SUPPRESS,
+        description="Defaults: 2 epochs, batch 12, learning rate 3e-05 (10%% warm-up, then linear decay), weight "
+        "decay 0.01, gradient norm 1.0, 384-token windows with stride 128, alpha 0.5, temperature 2, seed 42.",
+    )
+    train.add_argument("--model", required=True, help="checkpoint folder or hub repo id to start from")
+    train.add_argument("--data", type=Path, required=True, help="SQuAD v1.1 training .json or .zip")
+    train.add_argument("--output", type=Path, required=True, help="a new folder for checkpoints, log and final model")
+    train.add_argument("--epochs", type=int, help="passes over the data")
+    train.add_argument("--batch-size", type=int, help="windows per forward pass")
+    train.add_argument("--gradient-accumulation-steps", type=int, help="forward passes per optimizer step")
+    train.add_argument("--learning-rate", type=float, help="peak AdamW learning rate")
+    train.add_argument("--weight-decay", type=float, help="AdamW weight decay (never on biases and LayerNorm)")
+    train.add_argument("--warmup-ratio", type=float, help="share of the steps spent warming up")
+    train.add_argument("--max-grad-norm", type=float, help="gradient clipping norm")
+    train.add_argument("--max-seq-len", type=int, help="tokens per window")
+    train.add_argument("--doc-stride", type=int, help="tokens shared by consecutive windows")
+    train.add_argument("--eval-data", type=Path, help="SQuAD v1.1 file to score EM/F1 on during training")
+    train.add_argument("--eval-every", type=int, help="steps between evaluations (default 0: at the end)")
+    train.add_argument("--save-every", type=int, help="steps between checkpoints (default 0: every epoch)")
+    train.add_argument("--teacher", help="distil from this checkpoint folder or repo id (same tokenizer)")
+    train.add_argument("--alpha", type=float, help="weight of the distillation loss")
+    train.add_argument("--temperature", type=float, help="distillation temperature")
+    train.add_argument("--student-layers", type=int, help="start from this many of --model's layers, every other")
+    train.add_argument("--seed", type=int, help="shuffling and dropout seed")
+    train.add_argument("--resume", type=Path, help="continue from a checkpoint-<step> folder (into a new --output)")
+    train.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "auto"),
+        help="float32 (default), bfloat16 (autocast), or auto: bfloat16 where the hardware has it natively",
+    )
+    train.add_argument("--device", help="torch device (default cpu)")
+    train.set_defaults(handler=run_train)
+
+
+def add_heads_parser(commands) -> None:
+    heads = commands.add_parser("heads", help="head importance (Michel et al. 2019) and EM/F1 as heads are pruned")
+    heads.add_argument("--model", required=True, help="checkpoint folder or hub repo id")
+    heads.add_argument("--data", type=Path, required=True, help="SQuAD v1.1 .json or .zip to measure on")
+    heads.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the JSON and PNG files")
+    heads.add_argument("--limit", type=int, help="only the first N questions")
+    heads.add_argument("--points", type=int, default=13, help="points on the pruning curve (default 13)")
+    heads.add_argument("--batch-size", type=int, default=32, help="windows per batch (1: per-window gradients)")
+    heads.add_argument("--max-seq-len", type=int, default=384, help="tokens per window (default 384)")
+    heads.add_argument("--doc-stride", type=int, default=128, help="tokens shared by windows (default 128)")
+    heads.set_defaults(handler=run_heads)
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -299,6 +354,7 @@ def run_ask_on_ray(args: argparse.Namespace, options: dict) -> int:
         args.model,
         address=args.ray,
         workers=args.ray_workers,
+        gpus_per_worker=1.0 if str(args.device or "cpu").startswith("cuda") else 0.0,  # one GPU per model
         load_options=answerer_options(args),
         **options,
     )
@@ -354,6 +410,29 @@ def run_explain(args: argparse.Namespace) -> int:
     )
     answer = result.explanation["answer"]["answer"]
     print(f"answer {answer!r}; wrote {len(result.files)} files, open {result.files['html']}")
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from distilqa.train import TrainingOptions, train
+
+    fields = TrainingOptions.__dataclass_fields__
+    result = train(TrainingOptions(**{name: value for name, value in vars(args).items() if name in fields}))
+    print(json.dumps({"output": str(result.output), "steps": result.steps, "evaluations": result.evaluations}))
+    return 0
+
+
+def run_heads(args: argparse.Namespace) -> int:
+    from distilqa.heads import WindowingOptions, head_report
+
+    if (args.limit is not None and args.limit < 1) or args.points < 2:
+        raise ValueError("--limit must be a positive number and --points at least 2")
+    options = WindowingOptions(args.max_seq_len, args.doc_stride, args.batch_size)
+    report = head_report(args.model, args.data, args.out, args.limit, args.points, options)
+    for order in ("least_important_first", "most_important_first"):
+        points = ", ".join(f"{p['heads_pruned']}: {p['exact_match']}" for p in report["pruning_curve"][order])
+        print(f"EM with heads pruned, {order.replace('_', ' ')}: {points}")
+    print(f"wrote importance.json, importance.png, pruning_curve.json and pruning_curve.png into {args.out}")
     return 0
 
 

@@ -102,6 +102,7 @@ def quantize_int8(module: nn.Module) -> None:
     import warnings
 
     set_linear_backend(module, "aten")  # quantize_dynamic matches the exact class nn.Linear
-    with warnings.catch_warnings():  # torch marks its quantized tensor constructors deprecated; they still work
+    with warnings.catch_warnings():  # torch marks torch.ao.quantization deprecated (torchao is its successor); it works
         warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.ao.quantization.quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8, inplace=True)

@@ -193,6 +193,9 @@ class QuestionAnswerer:
         ``top_k`` best when ``top_k > 1``; a list of those when given lists. ``answer ==
         context[start:end]`` always. ``max_seq_len`` defaults to min(384, the tokenizer's
         model_max_length) and ``doc_stride`` to min(128, max_seq_len // 2), as in the reference.
+
+        Raises :class:`PairError` (a ValueError with the pair's ``index`` and ``field``) for a pair
+        that cannot be answered, TypeError for values that are not strings, ValueError for bad options.
         """
         questions, contexts, single = _pairs(question, context)
         max_seq_len = min(384, self.tokenizer.model_max_length) if max_seq_len is None else max_seq_len

@@ -40,11 +40,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from distilqa.hardware import has_native_bfloat16
+from distilqa.hub import CONFIG_FILE, TOKENIZER_FILES, resolve_checkpoint
 from distilqa.model import DistilBertForQuestionAnswering, span_loss
 from distilqa.pipeline import EXCLUDED_LOGIT, QuestionAnswerer
 from distilqa.squad import SquadQuestion, evaluate, predict, read_squad
 from distilqa.tokenization import QuestionContextTokenizer
-from distilqa.weights import CONFIG_FILE, TOKENIZER_FILES
 
 LOG_FILE = "train_log.jsonl"
 STATE_FILE = "training_state.pt"
@@ -59,7 +59,7 @@ DTYPE_CHOICES = ("float32", "bfloat16", "auto")
 class TrainingOptions:
     """What ``distilqa train`` does; the defaults are those of transformers' SQuAD example for DistilBERT."""
 
-    model: Path  # checkpoint folder to start from (config.json, safetensors, tokenizer files)
+    model: Path | str  # checkpoint folder or hub repo id to start from (config, safetensors, tokenizer files)
     data: Path  # SQuAD v1.1 .json or .zip
     output: Path  # a new folder
     epochs: int = 2
@@ -74,7 +74,7 @@ class TrainingOptions:
     eval_data: Path | None = None
     eval_every: int = 0  # optimizer steps between evaluations; 0: only at the end
     save_every: int = 0  # optimizer steps between checkpoints; 0: at the end of each epoch
-    teacher: Path | None = None
+    teacher: Path | str | None = None  # checkpoint folder or hub repo id
     alpha: float = 0.5  # weight of the distillation loss
     temperature: float = 2.0
     student_layers: int | None = None  # start from every other layer of `model`
@@ -201,6 +201,18 @@ def student_from_teacher(teacher: DistilBertForQuestionAnswering, n_layers: int)
     return student
 
 
+def span_logits(
+    model: DistilBertForQuestionAnswering, input_ids: Tensor, attention_mask: Tensor, head_mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Start and end logits (batch, seq), at least float32, for a padded batch (attention_mask (batch, seq)
+    bool), with padding set to ``EXCLUDED_LOGIT``: it is no candidate for a start or an end."""
+    output = model(input_ids, attention_mask, head_mask=head_mask)
+    dtype = torch.promote_types(output.start_logits.dtype, torch.float32)  # bfloat16 up, float64 kept
+    start = output.start_logits.to(dtype).masked_fill(~attention_mask, EXCLUDED_LOGIT)  # (batch, seq)
+    end = output.end_logits.to(dtype).masked_fill(~attention_mask, EXCLUDED_LOGIT)  # (batch, seq)
+    return start, end
+
+
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """``T² · KL(teacher ‖ student)`` of the softmax distributions at temperature T, averaged over
     the batch. Logits (batch, seq); T² keeps the gradients' scale independent of T (Hinton et al.)."""
@@ -244,7 +256,7 @@ class Trainer:
         self.device = torch.device(options.device or "cpu")
         self.autocast = _autocast_dtype(options.dtype, self.device)
         # Every check that can fail runs here, before any training and before anything is written.
-        start = Path(options.resume) if options.resume is not None else Path(options.model)
+        start = Path(options.resume) if options.resume is not None else resolve_checkpoint(options.model)
         self.resume_state = _read_resume_state(options) if options.resume is not None else None
         _check_output(Path(options.output))
         self.tokenizer_dir = _tokenizer_dir(start)
@@ -257,17 +269,22 @@ class Trainer:
         self._check_lengths(self.model)
         self.teacher = None
         if options.teacher is not None:
-            self.teacher = DistilBertForQuestionAnswering.from_pretrained(options.teacher, device=self.device).eval()
+            teacher = resolve_checkpoint(options.teacher)
+            self.teacher = DistilBertForQuestionAnswering.from_pretrained(teacher, device=self.device).eval()
             self.teacher.requires_grad_(False)
             self._check_lengths(self.teacher)
-            _check_same_vocabulary(self.tokenizer, QuestionContextTokenizer.from_pretrained(options.teacher))
+            _check_same_vocabulary(self.tokenizer, QuestionContextTokenizer.from_pretrained(_tokenizer_dir(teacher)))
         self.windows = training_windows(self.tokenizer, self.questions, options.max_seq_len, options.doc_stride)
-        self.steps_per_epoch = math.ceil(math.ceil(len(self.windows) / options.batch_size) / options.gradient_accumulation_steps)
+        self.steps_per_epoch = math.ceil(
+            math.ceil(len(self.windows) / options.batch_size) / options.gradient_accumulation_steps
+        )
         self.total_steps = self.steps_per_epoch * options.epochs
         self.optimizer = torch.optim.AdamW(
             parameter_groups(self.model, options.weight_decay), lr=options.learning_rate, fused=False
         )
-        self.scheduler = linear_schedule(self.optimizer, round(options.warmup_ratio * self.total_steps), self.total_steps)
+        self.scheduler = linear_schedule(
+            self.optimizer, round(options.warmup_ratio * self.total_steps), self.total_steps
+        )
         self.step = 0
         if self.resume_state is not None:
             self.optimizer.load_state_dict(self.resume_state["optimizer"])
@@ -359,18 +376,13 @@ class Trainer:
             t.to(self.device) for t in collate(windows, self.tokenizer.pad_token_id)
         )
         with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
-            output = self.model(input_ids, attention_mask)
-            # Padding is no candidate for start or end: its logits leave the softmax.
-            start_logits = output.start_logits.float().masked_fill(~attention_mask, EXCLUDED_LOGIT)  # (batch, seq)
-            end_logits = output.end_logits.float().masked_fill(~attention_mask, EXCLUDED_LOGIT)  # (batch, seq)
+            start_logits, end_logits = span_logits(self.model, input_ids, attention_mask)
             gold = span_loss(start_logits, end_logits, starts, ends)
             if self.teacher is None:
                 return {"loss": gold}
             with torch.no_grad():
-                taught = self.teacher(input_ids, attention_mask)
+                teacher_start, teacher_end = span_logits(self.teacher, input_ids, attention_mask)
             alpha, temperature = self.options.alpha, self.options.temperature
-            teacher_start = taught.start_logits.float().masked_fill(~attention_mask, EXCLUDED_LOGIT)
-            teacher_end = taught.end_logits.float().masked_fill(~attention_mask, EXCLUDED_LOGIT)
             distilled = (
                 distillation_loss(start_logits, teacher_start, temperature)
                 + distillation_loss(end_logits, teacher_end, temperature)

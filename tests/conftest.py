@@ -25,6 +25,7 @@ import random
 from pathlib import Path
 
 import pytest
+from synthetic_qa import synthetic_task, trained_model  # noqa: F401 (session fixtures of test_train, test_heads)
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -13,9 +13,14 @@ Files are written in SQuAD v1.1 format; the vocabulary holds exactly the task's 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
+import torch
 
 CONSONANTS = "bdfgklmnprstvz"
 VOWELS = "aeiou"
@@ -127,3 +132,81 @@ def write_task(directory: Path, n_train: int = 3000, n_heldout: int = 150, seed:
         paths[split].write_text(json.dumps(make_split(rng, draw, count, split), indent=1), encoding="utf-8")
     paths["vocab"] = write_vocab(directory / "vocab.txt")
     return paths
+
+
+# --------------------------------------------------------------------------- #
+# The trained test model, shared by test_train.py and test_heads.py (imported by conftest.py)
+# --------------------------------------------------------------------------- #
+
+# A small DistilBERT that learns the task from scratch in about 570 steps: 4 layers of width 128 and
+# 4 heads. Dropout is off (the task has endless fresh names, nothing to overfit), a wider initial
+# spread (0.1) than BERT's 0.02 suits the small width, and the positions start as a sinusoidal table
+# scaled to the word embeddings' size, so relative offsets are easy to learn.
+TASK_CONFIG = dict(
+    dim=128,
+    n_layers=4,
+    n_heads=4,
+    hidden_dim=256,
+    max_position_embeddings=128,
+    dropout=0.0,
+    attention_dropout=0.0,
+    qa_dropout=0.0,
+    sinusoidal_pos_embds=False,
+    initializer_range=0.1,
+)
+MAX_SEQ_LEN, DOC_STRIDE = 128, 64
+TRAIN_ARGS = ["--max-seq-len", str(MAX_SEQ_LEN), "--doc-stride", str(DOC_STRIDE), "--batch-size", "32"]
+
+
+def write_initial_checkpoint(directory: Path, vocab_file: Path, seed: int = 0, **overrides) -> Path:
+    """A folder with config.json, freshly initialised weights and tokenizer files (model_max_length
+    = the model's positions, so the pipeline's default windows fit)."""
+    from distilqa import DistilBertConfig, DistilBertForQuestionAnswering
+    from distilqa.model import sinusoidal_position_table
+    from distilqa.tokenization import write_tokenizer_files
+
+    config = DistilBertConfig(vocab_size=len(vocabulary()), **{**TASK_CONFIG, **overrides})
+    torch.manual_seed(seed)
+    model = DistilBertForQuestionAnswering(config)
+    table = sinusoidal_position_table(config.max_position_embeddings, config.dim)
+    model.distilbert.embeddings.position_embeddings.weight.data.copy_(0.3 * table)
+    model.save_pretrained(directory)
+    write_tokenizer_files(directory, vocab_file, lowercase=False)
+    tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    tokenizer_config["model_max_length"] = config.max_position_embeddings
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config), encoding="utf-8")
+    return directory
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """Train on one thread: on a shared 2-core machine two threads per process oversubscribe the
+    cores and a step gets many times slower, while one thread loses little at this size."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def synthetic_task(tmp_path_factory) -> dict[str, Path]:
+    """train.json (3000 contexts), heldout.json (150 contexts, other names) and vocab.txt."""
+    return write_task(tmp_path_factory.mktemp("synthetic_qa"))
+
+
+@pytest.fixture(scope="session")
+def trained_model(synthetic_task, tmp_path_factory) -> Path:
+    """The output folder of ``distilqa train`` on the task, from random initialisation (4 epochs)."""
+    from distilqa.cli import main
+
+    root = tmp_path_factory.mktemp("trained")
+    initial = write_initial_checkpoint(root / "initial", synthetic_task["vocab"])
+    output = root / "run"
+    arguments = ["train", "--model", str(initial), "--data", str(synthetic_task["train"]), "--output", str(output)]
+    arguments += ["--epochs", "4", "--learning-rate", "2e-3", "--seed", "0", *TRAIN_ARGS]
+    arguments += ["--eval-data", str(synthetic_task["heldout"]), "--eval-every", "200"]
+    with single_threaded():
+        assert main(arguments) == 0
+    return output

@@ -32,6 +32,7 @@ def local_ray():
     if ray.is_initialized():
         ray.shutdown()
     ray.init(
+        address="local",  # never a cluster that `ray start` left on this machine
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
@@ -94,7 +95,6 @@ def test_two_workers_answer_as_one_process_in_order(local_ray, tiny_checkpoint, 
     assert len(batches) == len(questions) // 6
 
 
-@pytest.mark.slow  # a third actor start after the crash: about 20 s
 def test_a_worker_dying_mid_batch_loses_and_doubles_nothing(local_ray, tiny_checkpoint, pairs, tmp_path):
     questions, contexts = pairs
     crash_once = tmp_path / "crash-once"

@@ -72,7 +72,6 @@ def answerer():
 @pytest.fixture(scope="module")
 def reference():
     transformers = pytest.importorskip("transformers")
-    transformers.utils.logging.disable_progress_bar()
     return transformers.pipeline("question-answering", model=str(CHECKPOINT), tokenizer=str(CHECKPOINT), device="cpu")
 
 
@@ -114,7 +113,7 @@ def test_golden_matches_transformers_pipeline(
     assert len(ours) == len(expected)
     for a, b in zip(ours, expected):
         assert (a["answer"], a["start"], a["end"]) == (b["answer"], b["start"], b["end"])
-        assert abs(a["score"] - float(b["score"])) <= 1e-4
+        assert abs(a["score"] - float(b["score"])) <= 2e-5 * float(b["score"])  # as tests/test_pipeline_parity.py
     assert (ours[0]["answer"], ours[0]["start"], ours[0]["end"]) == (answer, start, end)
 
 
@@ -147,4 +146,4 @@ def test_squad_predictions_match_transformers_pipeline(answerer, reference):
             expected["start"],
             expected["end"],
         )
-        assert abs(answer["score"] - float(expected["score"])) <= 1e-4
+        assert abs(answer["score"] - float(expected["score"])) <= 2e-5 * float(expected["score"])

@@ -305,7 +305,8 @@ def test_one_bad_pair_fails_the_whole_batch(tiny):
 @pytest.mark.parametrize("path", ["peaked_padded", "peaked"], ids=["padded", "packed"])
 def test_batching_does_not_change_answers(request, monkeypatch, path):
     """A pair answered alone and in a batch of pairs of other lengths (padded, or packed end to end)
-    gives the same answer. Measured: scores equal within 4e-7 relative."""
+    gives the same answer. Measured: scores within 1.0e-5 relative (padded; packed less): float32
+    rounding of batches of other shapes, amplified by the peaked span head's large logits."""
     answerer = request.getfixturevalue(path)
     padding = []
     forward = answerer.model.forward
@@ -325,7 +326,7 @@ def test_batching_does_not_change_answers(request, monkeypatch, path):
         check_ranked(ranked, context, 2)
         assert len(alone) == len(ranked)
         for a, b in zip(alone, ranked):
-            answers_agree(a, b, 2e-6)
+            answers_agree(a, b, 5e-5)
 
 
 def test_windows_of_different_lengths_are_packed_without_padding(peaked, monkeypatch):
@@ -381,6 +382,51 @@ def test_handle_impossible_answer_can_return_the_empty_answer(tiny, monkeypatch)
     assert 0.99 < answer["score"] <= 1.0
     without = tiny("Who is the CEO?", "Alice is sitting on the bench.")
     check_answer(without, "Alice is sitting on the bench.")  # never empty without the option
+
+
+def test_no_answer_scores_the_lowest_window(tiny, monkeypatch):
+    """With handle_impossible_answer, "no answer" competes with the LOWEST CLS score over a pair's windows
+    (the reference's rule): one window that sees an answer is enough to outscore it."""
+    context = " ".join(["Alice is sitting on the bench next to Bob in Paris."] * 12)
+    options = dict(handle_impossible_answer=True, max_seq_len=32, doc_stride=8)
+    forward = tiny.model.forward
+    for confident_windows in ("all", "all but the first"):
+
+        def cls_heavy(input_ids, confident_windows=confident_windows, **kwargs):
+            output = forward(input_ids, **kwargs)
+            lengths = kwargs["window_lengths"]
+            starts = [sum(lengths[:i]) for i in range(len(lengths))]  # each window's CLS
+            assert len(starts) >= 3, "the context spans several windows"
+            chosen = starts if confident_windows == "all" else starts[1:]
+            output.start_logits[0, chosen] = 30.0
+            output.end_logits[0, chosen] = 30.0
+            return output
+
+        monkeypatch.setattr(tiny.model, "forward", cls_heavy)
+        answer = tiny("Who is sitting?", context, **options)
+        assert (answer["answer"] == "") == (confident_windows == "all"), (confident_windows, answer)
+
+
+def test_the_cls_token_never_starts_or_ends_an_answer(tiny, monkeypatch):
+    """CLS stands for "no answer" only: even with overwhelming start and end logits there, the answer
+    is the span chosen without them (their softmax mass is dropped, not the order of the others)."""
+    context = "Alice is sitting on the bench. Bob is sitting next to her in Paris."
+    question = "Who is sitting next to Alice?"
+    expected = tiny(question, context, top_k=3)
+    forward = tiny.model.forward
+    for name in ("start_logits", "end_logits"):
+
+        def cls_heavy(input_ids, name=name, **kwargs):
+            output = forward(input_ids, **kwargs)
+            lengths = kwargs["window_lengths"]
+            getattr(output, name)[0, [sum(lengths[:i]) for i in range(len(lengths))]] = 30.0  # each window's CLS
+            return output
+
+        monkeypatch.setattr(tiny.model, "forward", cls_heavy)
+        got = tiny(question, context, top_k=3)
+        assert [(a["answer"], a["start"], a["end"]) for a in got] == [
+            (a["answer"], a["start"], a["end"]) for a in expected
+        ], name
 
 
 def test_empty_answer_competes_by_score(tiny):

@@ -13,8 +13,8 @@ Paths, each against the transformers pipeline in float32 (the answers a user of 
 | --- | --- | --- | --- | --- |
 | packed fp32 (the default) | 544 | top_k 1 and 3, impossible off and on | MIN_IDENTICAL | SCORE_RTOL["float32"] |
 | padded fp32 (``packed=False``) | 136 (every 4th) | top_k 3, impossible on | all but 1 | SCORE_RTOL["float32"] |
-| bfloat16 | 136 | top_k 1 | MIN_IDENTICAL_SHARE | SCORE_RTOL["bfloat16"] |
-| float16 | 136 | top_k 1 | MIN_IDENTICAL_SHARE | SCORE_RTOL["float16"] |
+| bfloat16 | 136 (every 4th) | top_k 1 | MIN_IDENTICAL_SHARE | SCORE_RTOL["bfloat16"] |
+| float16 (slow on most CPUs) | 68 (every 8th) | top_k 1 | MIN_IDENTICAL_SHARE | SCORE_RTOL["float16"] |
 | compiled fp32 (``compile=True``) | 48 | top_k 3 | identical to eager fp32 | SCORE_RTOL["compiled"] of eager |
 
 A differing answer counts as explained only when it is a near tie measured in the run at hand: at
@@ -46,17 +46,18 @@ OPTIONS = [
     dict(top_k=3, handle_impossible_answer=True),
 ]
 # Relative score tolerance for answers that agree (|ours - reference| / reference), per path. Measured
-# maxima on this project's machine (AMD EPYC, 2 threads, torch 2.13, transformers 5.2):
-# float32 packed 2.6e-6 / padded 2.6e-6; bfloat16 0.22; float16 0.025; compiled vs eager 2.4e-6.
-SCORE_RTOL = {"float32": 2e-5, "bfloat16": 0.5, "float16": 0.1, "compiled": 2e-5}
+# maxima on this project's machine (AMD EPYC with AVX512-BF16, 2 threads, torch 2.13, transformers
+# 5.2), 2026-11-30: float32 packed 5.1e-5 (top_k 3; 4.1e-5 top_k 1), padded 5.0e-5; bfloat16 0.29;
+# float16 0.057; compiled vs eager float32 4.2e-5. The tolerances are 2-3x those.
+SCORE_RTOL = {"float32": 1.5e-4, "bfloat16": 0.6, "float16": 0.15, "compiled": 1.5e-4}
 # Largest relative gap between the two answers of a rank where the lists differ that still counts as
-# a near tie. float32 mismatches come from float32 rounding (~1e-6 relative); the half-precision
-# margins are the scale of their own score error above.
-NEAR_TIE = {"float32": 1e-4, "bfloat16": 0.5, "float16": 0.1}
+# a near tie: the same scale as each path's own score error above.
+NEAR_TIE = {"float32": 1.5e-4, "bfloat16": 0.6, "float16": 0.15}
 # The full sample, packed fp32 (measured: 544/544 for each of the 4 option combinations).
 MIN_IDENTICAL = {(o["top_k"], o["handle_impossible_answer"]): 544 for o in OPTIONS}
-# Half precision against the fp32 reference, top_k 1 (measured: bfloat16 131/136, float16 135/136).
-MIN_IDENTICAL_SHARE = {"bfloat16": 0.93, "float16": 0.97}
+# Half precision against the fp32 reference, top_k 1. Measured: bfloat16 133/136 (the 3 others near
+# ties, relative gaps 0.12, 0.22 and 0.27), float16 68/68.
+MIN_IDENTICAL_SHARE = {"bfloat16": 0.95, "float16": 0.97}
 
 
 def option_id(options: dict) -> str:
@@ -148,8 +149,9 @@ def span(answer: dict) -> tuple[str, int, int]:
 
 
 def compare(answerer, ours_results, reference_results, pairs, options, path: str) -> tuple[int, float, list[str]]:
-    """(identical cases, largest relative score difference of agreeing answers, unexplained mismatches).
-    The reference returns a bare dict when it has one answer even for top_k > 1; ours always a list."""
+    """(identical cases, largest relative score difference of agreeing answers, unexplained mismatches);
+    near ties found are printed with their gaps. The reference returns a bare dict when it has one
+    answer even for top_k > 1; ours always a list."""
     identical, worst, unexplained = 0, 0.0, []
     for (question, context), mine, theirs in zip(pairs, ours_results, reference_results, strict=True):
         mine, theirs = as_list(mine), as_list(theirs)
@@ -169,18 +171,23 @@ def compare(answerer, ours_results, reference_results, pairs, options, path: str
         ]
         if len(mine) != len(theirs) or max(gaps) > NEAR_TIE[path]:
             unexplained.append(f"{question!r}: ours {mine} reference {theirs} (relative gaps {gaps})")
+        else:
+            print(f"near tie, relative gap {max(gaps):.2e}: {question!r}")
     return identical, worst, unexplained
 
 
 def run_both(answerer, reference, pairs, options, path: str, counts=None) -> tuple[int, float, list[str]]:
     """Answer ``pairs`` with both; with ``counts`` (of memoise_forward), record in counts["last"] the
-    (calls, hits) of our model during our pipeline's run."""
+    (calls, hits) of our model during our pipeline's run, and in counts["best_scores"] our best
+    answer's score for each pair (top_k 1 without "no answer" only)."""
     questions, contexts = [q for q, _ in pairs], [c for _, c in pairs]
     began = time.perf_counter()
     before = dict(counts or {})
     ours_results = answerer(questions, contexts, **options)
     if counts is not None:
         counts["last"] = (counts["calls"] - before["calls"], counts["hits"] - before["hits"])
+        if options.get("top_k", 1) == 1 and not options.get("handle_impossible_answer"):
+            counts["best_scores"] = sorted(result["score"] for result in ours_results)
     reference_results = reference(question=questions, context=contexts, **options)
     identical, worst, unexplained = compare(answerer, ours_results, reference_results, pairs, options, path)
     # Shown with pytest -s: the figures the constants above record.
@@ -215,12 +222,15 @@ def test_long_contexts_span_several_windows(squad_articles, ours):
     assert min(counts) >= 2 and sum(counts) >= 2 * len(pairs), counts
 
 
-def test_scores_look_trained(sample, ours):
+def test_scores_look_trained(sample, ours, reference):
     """The checkpoint's best spans have the probabilities of a trained model's, so the score checks
-    above can fail: measured 0.02 to 0.65 (median 0.3) on these questions."""
-    answerer, _ = ours
-    scores = sorted(a["score"] for a in answerer([q for q, _ in sample[::8]], [c for _, c in sample[::8]]))
-    assert scores[0] > 0.005 and scores[len(scores) // 2] > 0.1, scores
+    above can fail: measured MEASURED over the full sample (top_k 1)."""
+    answerer, counts = ours
+    if "best_scores" not in counts:  # the full-sample tests were deselected
+        run_both(answerer, reference, sample[::16], dict(top_k=1), "float32", counts)
+    scores = counts["best_scores"]
+    print(f"best span scores: min {scores[0]:.2g}, median {scores[len(scores) // 2]:.2g}, max {scores[-1]:.2g}")
+    assert scores[0] > 0.002 and 0.1 < scores[len(scores) // 2] < 0.9, scores
 
 
 # -- the other paths, on subsamples -------------------------------------------------------------------
@@ -239,7 +249,7 @@ def test_padded_fp32(sample, peaked_checkpoint, reference):
 def test_half_precision(sample, peaked_checkpoint, reference, dtype):
     half = QuestionAnswerer.from_pretrained(peaked_checkpoint, batch_size=16, dtype=dtype)
     assert half.model.dtype == getattr(torch, dtype)
-    pairs, options = sample[::4], dict(top_k=1)
+    pairs, options = sample[:: 4 if dtype == "bfloat16" else 8], dict(top_k=1)
     identical, worst, unexplained = run_both(half, reference, pairs, options, dtype)
     assert not unexplained, "\n".join(unexplained)
     assert worst <= SCORE_RTOL[dtype]
@@ -250,7 +260,7 @@ def test_compiled_matches_eager(sample, peaked_checkpoint, ours):
     """compile=True runs torch.compile'd blocks of the same model: the same answers as eager fp32."""
     compiled = QuestionAnswerer.from_pretrained(peaked_checkpoint, batch_size=16, compile=True)
     eager, _ = ours
-    pairs, options = sample[::12][:48], dict(top_k=3)
+    pairs, options = sample[::11][:48], dict(top_k=3)
     questions, contexts = [q for q, _ in pairs], [c for _, c in pairs]
     began = time.perf_counter()
     got = compiled(questions, contexts, **options)

@@ -223,9 +223,11 @@ def test_cli_serve_refuses_bad_options(capsys):
 
 @pytest.fixture(scope="module")
 def load_checkpoint(tmp_path_factory) -> Path:
-    """A model large enough that its work, not HTTP, sets the pace: width 256, 2 layers."""
+    """A model large enough that its work, not HTTP, sets the pace: width 384, 4 layers (about 25
+    ms a pair here; at width 256 and 2 layers the model took 7 ms a pair on a quiet moment, HTTP about
+    2 ms a request, and the ratio fell to 0.5-0.9; at width 384 and 3 layers it was 0.87-0.89)."""
     directory = tmp_path_factory.mktemp("load")
-    save_reference_checkpoint(directory, dim=256, n_layers=2, n_heads=4, hidden_dim=1024)
+    save_reference_checkpoint(directory, dim=384, n_layers=4, n_heads=6, hidden_dim=1536)
     return write_tokenizer_files(directory)
 
 
@@ -259,19 +261,40 @@ def measure_load(answerer: QuestionAnswerer, url: str, pairs: list[dict]) -> tup
 def test_load_throughput_close_to_in_process_batching(load_checkpoint, squad_pairs):
     """256 single-pair requests at concurrency 32 from an async client: no error, and pairs/s at
     least 0.8x of answering the same pairs in process in batches of 32. On a busy machine one
-    disturbed measurement is repeated once (a real slowdown fails both)."""
+    disturbed measurement is repeated once (a real slowdown fails both). When other processes
+    contend for the cores the comparison favours the server (its several threads get a larger share
+    of the CPU than in-process batching's), so there only large slowdowns fail it."""
     answerer = QuestionAnswerer.from_pretrained(load_checkpoint, batch_size=32, linear_backend="aten")
     answerer([p["question"] for p in squad_pairs[:8]], [p["context"] for p in squad_pairs[:8]])  # warm-up
-    with serve_in_thread(create_app(answerer, "load", max_batch=32, max_wait_ms=10)) as url:
+    # 25 ms: time for the client, in this same process, to send the next 32 requests, so batches fill
+    with serve_in_thread(create_app(answerer, "load", max_batch=32, max_wait_ms=25)) as url:
         for attempt in (1, 2):
+            batches = httpx.get(f"{url}/info").json()["batches"]
             server_rate, in_process_rate, latencies = measure_load(answerer, url, squad_pairs[:256])
+            batches = httpx.get(f"{url}/info").json()["batches"] - batches
             cuts = statistics.quantiles(latencies, n=100)
             print(
-                f"\nload (width-256, 2-layer model, {os.cpu_count()} cores, attempt {attempt}): server "
+                f"\nload (width-384, 4-layer model, {os.cpu_count()} cores, attempt {attempt}): server "
                 f"{server_rate:.1f} pairs/s, p50 {1000 * statistics.median(latencies):.0f} ms, p99 "
-                f"{1000 * cuts[98]:.0f} ms; in process, batches of 32: {in_process_rate:.1f} pairs/s; "
-                f"ratio {server_rate / in_process_rate:.2f}"
+                f"{1000 * cuts[98]:.0f} ms, {256 / batches:.1f} pairs a batch; in process, batches of 32: "
+                f"{in_process_rate:.1f} pairs/s; "
+                f"ratio {server_rate / in_process_rate:.2f}; load average {os.getloadavg()[0]:.1f}"
             )
             if server_rate >= 0.8 * in_process_rate:
                 break
     assert server_rate >= 0.8 * in_process_rate
+
+
+@pytest.mark.slow  # a subprocess that imports torch and runs a tiny model over 32 questions: about 15 s
+def test_benchmark_script_runs(tmp_path):
+    if not SQUAD_FILE.exists():
+        pytest.skip(f"SQuAD dev set not found at {SQUAD_FILE}")
+    root = Path(__file__).resolve().parents[1]
+    output = tmp_path / "serve-small.json"
+    command = [sys.executable, str(root / "benchmarks" / "serve.py"), "--small", "--ray-workers", "", "--output"]
+    result = subprocess.run([*command, str(output)], capture_output=True, text=True, timeout=300, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads(output.read_text(encoding="utf-8"))
+    assert payload["machine"]["cpu_model"] and payload["in_process_pairs_per_second"] > 0
+    levels = [row for row in payload["server"] if "concurrency" in row]
+    assert [row["concurrency"] for row in levels] == [1, 8, 32] and all(row["errors"] == 0 for row in levels)
