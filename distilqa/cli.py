@@ -144,8 +144,8 @@ def add_train_parser(commands) -> None:
         "train",
         help="fine-tune (or distil) a checkpoint on SQuAD v1.1 data",
         argument_default=argparse.SUPPRESS,
-        description="Defaults: 2 epochs, batch 12, learning rate 3e-05 (10%% warm-up, then linear decay), weight "
-        "decay 0.01, gradient norm 1.0, 384-token windows with stride 128, alpha 0.5, temperature 2, seed 42.",
+        description="Defaults: 2 epochs, batch 12, learning rate 3e-05 (10% warm-up, then linear decay), weight "
+        "decay 0.01, gradient norm 1.0, 384-token windows with stride 128, alpha 0.5, temperature 2.0, seed 42.",
     )
     train.add_argument("--model", required=True, help="checkpoint folder or hub repo id to start from")
     train.add_argument("--data", type=Path, required=True, help="SQuAD v1.1 training .json or .zip")

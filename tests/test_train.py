@@ -248,9 +248,9 @@ def test_train_help_states_the_defaults_that_apply(capsys):
     text = " ".join(capsys.readouterr().out.split())
     d = TrainingOptions
     for phrase in (
-        f"{d.epochs} epochs, batch {d.batch_size}, learning rate {d.learning_rate:g} ({d.warmup_ratio:.0%} warm-up",
-        f"weight decay {d.weight_decay:g}, gradient norm {d.max_grad_norm:g}",
+        f"{d.epochs} epochs, batch {d.batch_size}, learning rate {d.learning_rate} ({d.warmup_ratio:.0%} warm-up",
+        f"weight decay {d.weight_decay}, gradient norm {d.max_grad_norm}",
         f"{d.max_seq_len}-token windows with stride {d.doc_stride}",
-        f"alpha {d.alpha:g}, temperature {d.temperature:g}, seed {d.seed}",
+        f"alpha {d.alpha}, temperature {d.temperature}, seed {d.seed}",
     ):
         assert phrase in text, phrase
