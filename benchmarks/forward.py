@@ -197,6 +197,14 @@ VARIANTS: dict[str, Variant] = {
         cpu_only=True,
         fp32_only=True,
     ),
+    "distilqa-triton": Variant(
+        "distilqa",
+        "triton",
+        lambda d, dev, dt: load_distilqa(d, "triton", dev, dt),
+        "transformers-sdpa",
+        "distilqa with attn_implementation='triton': the hand-written FlashAttention kernel (CUDA)",
+        default=False,
+    ),
     "distilqa-compile": Variant(
         "distilqa",
         "sdpa",

@@ -81,6 +81,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", type=Path, default=None, help="a checkpoint folder with tokenizer files")
     parser.add_argument("--questions", type=int, default=512, help="the first N questions (0: all)")
     parser.add_argument("--batch-size", type=int, default=32, help="distilqa's windows per forward pass")
+    parser.add_argument(
+        "--max-tokens", type=int, default=None, help="distilqa's tokens per forward pass (default: 2048 on CPU)"
+    )
     parser.add_argument("--chunks", type=int, default=4, help="interleave the pipelines over this many chunks")
     parser.add_argument(
         "--modes", default=None, help=f"distilqa modes, some of {', '.join(MODES)} (default CPU: {DEFAULT_CPU_MODES})"
@@ -186,6 +189,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 checkpoint,
                 device=device,
                 batch_size=args.batch_size,
+                max_tokens=args.max_tokens,
                 attn_implementation=args.attn_implementation,
                 **MODES[mode],
             )
@@ -252,6 +256,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "gflop_total": total_flops / 1e9,
             "model": str(args.model) if args.model else ("small random" if args.small else "random, published config"),
             "distilqa_batch_size": args.batch_size,
+            "distilqa_max_tokens": answerers["fp32"].max_tokens,
             "distilqa_attn_implementation": args.attn_implementation,
             "distilqa_modes": {mode: MODES[mode] for mode in modes},
             "linear_backend_auto": fastest_linear_backend() if device.type == "cpu" else "aten",

@@ -1,4 +1,4 @@
-"""The ``distilqa`` command: download, ask, evaluate, verify.
+"""The ``distilqa`` command: download, ask, evaluate, verify, serve, export, explain, train, heads.
 
 Errors a user can fix (no weights, bad input, bad files, options that do nothing together) print one
 ``distilqa: error: ...`` line and exit with status 2; ``--debug`` shows their traceback. Any other

@@ -43,10 +43,11 @@ from distilqa.tokenization import QuestionContextTokenizer
 from distilqa.weights import DEFAULT_REPO_ID, resolve_checkpoint
 
 EXCLUDED_LOGIT = -10000.0  # the reference's value for tokens that cannot be in an answer
-# Tokens per forward pass: large enough for full-speed GEMMs, small enough that the largest
+# Tokens per forward pass on the CPU: large enough for full-speed GEMMs, small enough that the largest
 # activation (tokens x hidden_dim floats, 24 MiB) stays under glibc's 32 MiB mmap threshold, so its
 # memory is reused from one pass to the next instead of being mapped and zeroed anew each time.
-MAX_TOKENS = 2048
+# Accelerators have no such cap by default (batch_size alone bounds a pass there).
+CPU_MAX_TOKENS = 2048
 PAIRS_PER_CHUNK = 256  # pairs tokenized and decoded together: bounds memory, paces the progress bar
 
 
@@ -98,15 +99,18 @@ class QuestionAnswerer:
         tokenizer: QuestionContextTokenizer,
         batch_size: int = 32,
         packed: bool = True,
-        max_tokens: int = MAX_TOKENS,
+        max_tokens: int | None = None,
     ):
         """``model`` is the model that answers: its modules, attention core and current parameters
         run every call (nothing is copied). ``packed`` lays each batch's windows end to end with no
         padding (``window_lengths``); ``packed=False`` pads them into a (batch, seq) tensor with an
         attention mask. Both give the same logits within float32 rounding. A forward pass takes at
         most ``batch_size`` windows and at most ``max_tokens`` tokens (padding included), or one
-        window when a single window is longer."""
+        window when a single window is longer; by default 2048 tokens on the CPU and no cap elsewhere."""
         _check_batch_size(batch_size)
+        if max_tokens is None:
+            on_cpu = model.device.type == "cpu"
+            max_tokens = CPU_MAX_TOKENS if on_cpu else batch_size * model.config.max_position_embeddings
         _check_batch_size(max_tokens, "max_tokens")
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -127,7 +131,7 @@ class QuestionAnswerer:
         packed: bool = True,
         compile: bool = False,
         quantize: str | None = None,
-        max_tokens: int = MAX_TOKENS,
+        max_tokens: int | None = None,
     ) -> QuestionAnswerer:
         """Load model and tokenizer from a checkpoint folder or hub repo id (found in the Hugging Face
         cache or weights/, else downloaded into the cache: see :mod:`distilqa.hub`).

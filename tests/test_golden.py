@@ -13,13 +13,14 @@ import zipfile
 import pytest
 from conftest import SQUAD_FILE
 
-from distilqa.weights import DEFAULT_REPO_ID, weights_dir
+from distilqa.hub import DEFAULT_REPO_ID, find_local_checkpoint
 
-CHECKPOINT = weights_dir() / DEFAULT_REPO_ID
-HAVE_WEIGHTS = (CHECKPOINT / "config.json").exists() and (CHECKPOINT / "model.safetensors").exists()
+# Wherever `distilqa download` (or transformers) put them: the Hugging Face cache, then weights/.
+CHECKPOINT, LOOKED_IN = find_local_checkpoint(DEFAULT_REPO_ID)
+HAVE_WEIGHTS = CHECKPOINT is not None
 
 NO_WEIGHTS = (
-    f"published weights not in {CHECKPOINT} (config.json and model.safetensors): "
+    "the published weights are not on this machine (looked in: " + "; ".join(LOOKED_IN) + "): "
     "run `distilqa download` to enable the golden-answer tests"
 )
 requires_weights = pytest.mark.skipif(not HAVE_WEIGHTS, reason=NO_WEIGHTS)

@@ -2,7 +2,7 @@
 on every inference path.
 
 Both run the ``peaked_checkpoint`` (random weights at the published configuration with a sharpened
-span head, so that the best span has probability 0.02-0.65 as a trained model's would; with plain
+span head, so that the best span has probability 0.01-0.73 as a trained model's would; with plain
 random weights every span scores ~1e-4 and no score check could fail) and the same tokenizer files
 (written by transformers). Questions: every 21st SQuAD v1.1 dev question (504, all 48 articles) plus
 40 contexts of 2 to 3 windows made by joining paragraphs (544 pairs).
@@ -12,14 +12,14 @@ Paths, each against the transformers pipeline in float32 (the answers a user of 
 | path | pairs | options | identical (answer, start, end) | scores of identical answers |
 | --- | --- | --- | --- | --- |
 | packed fp32 (the default) | 544 | top_k 1 and 3, impossible off and on | MIN_IDENTICAL | SCORE_RTOL["float32"] |
-| padded fp32 (``packed=False``) | 136 (every 4th) | top_k 3, impossible on | all but 1 | SCORE_RTOL["float32"] |
+| padded fp32 (``packed=False``) | 136 (every 4th) | top_k 3, impossible on | all | SCORE_RTOL["float32"] |
 | bfloat16 | 136 (every 4th) | top_k 1 | MIN_IDENTICAL_SHARE | SCORE_RTOL["bfloat16"] |
-| float16 (slow on most CPUs) | 68 (every 8th) | top_k 1 | MIN_IDENTICAL_SHARE | SCORE_RTOL["float16"] |
+| float16 (slow on most CPUs) | 34 (every 16th) | top_k 1 | MIN_IDENTICAL_SHARE | SCORE_RTOL["float16"] |
 | compiled fp32 (``compile=True``) | 48 | top_k 3 | identical to eager fp32 | SCORE_RTOL["compiled"] of eager |
 
 A differing answer counts as explained only when it is a near tie measured in the run at hand: at
 each rank where the two lists differ, our own scores of the two answers there (ours, and the
-reference's, looked up in our wider top_k + 3 list) are within NEAR_TIE[path] of each other,
+reference's, looked up in our own top-6 list) are within NEAR_TIE[path] of each other,
 relatively. Nothing is explained by a blanket bound.
 
 The model's forward does not depend on top_k or handle_impossible_answer, so each side's forward is
@@ -48,15 +48,16 @@ OPTIONS = [
 # Relative score tolerance for answers that agree (|ours - reference| / reference), per path. Measured
 # maxima on this project's machine (AMD EPYC with AVX512-BF16, 2 threads, torch 2.13, transformers
 # 5.2), 2026-11-30: float32 packed 5.1e-5 (top_k 3; 4.1e-5 top_k 1), padded 5.0e-5; bfloat16 0.29;
-# float16 0.057; compiled vs eager float32 4.2e-5. The tolerances are 2-3x those.
-SCORE_RTOL = {"float32": 1.5e-4, "bfloat16": 0.6, "float16": 0.15, "compiled": 1.5e-4}
+# float16 0.028 (0.057 on twice the pairs); compiled vs eager float32 3.1e-5 to 4.2e-5. The tolerances are
+# 2-3x those.
+SCORE_RTOL = {"float32": 1.5e-4, "bfloat16": 0.6, "float16": 0.08, "compiled": 1.5e-4}
 # Largest relative gap between the two answers of a rank where the lists differ that still counts as
 # a near tie: the same scale as each path's own score error above.
-NEAR_TIE = {"float32": 1.5e-4, "bfloat16": 0.6, "float16": 0.15}
+NEAR_TIE = {"float32": 1.5e-4, "bfloat16": 0.6, "float16": 0.08}
 # The full sample, packed fp32 (measured: 544/544 for each of the 4 option combinations).
 MIN_IDENTICAL = {(o["top_k"], o["handle_impossible_answer"]): 544 for o in OPTIONS}
 # Half precision against the fp32 reference, top_k 1. Measured: bfloat16 133/136 (the 3 others near
-# ties, relative gaps 0.12, 0.22 and 0.27), float16 68/68.
+# ties, relative gaps 0.12, 0.22 and 0.27), float16 34/34.
 MIN_IDENTICAL_SHARE = {"bfloat16": 0.95, "float16": 0.97}
 
 
@@ -224,7 +225,7 @@ def test_long_contexts_span_several_windows(squad_articles, ours):
 
 def test_scores_look_trained(sample, ours, reference):
     """The checkpoint's best spans have the probabilities of a trained model's, so the score checks
-    above can fail: measured MEASURED over the full sample (top_k 1)."""
+    above can fail: measured min 0.012, median 0.29, max 0.73 over the full sample (top_k 1)."""
     answerer, counts = ours
     if "best_scores" not in counts:  # the full-sample tests were deselected
         run_both(answerer, reference, sample[::16], dict(top_k=1), "float32", counts)
@@ -242,14 +243,14 @@ def test_padded_fp32(sample, peaked_checkpoint, reference):
     identical, worst, unexplained = run_both(padded, reference, pairs, options, "float32")
     assert not unexplained, "\n".join(unexplained)
     assert worst <= SCORE_RTOL["float32"]
-    assert identical >= len(pairs) - 1, identical
+    assert identical == len(pairs), identical  # measured: 136/136
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision(sample, peaked_checkpoint, reference, dtype):
     half = QuestionAnswerer.from_pretrained(peaked_checkpoint, batch_size=16, dtype=dtype)
     assert half.model.dtype == getattr(torch, dtype)
-    pairs, options = sample[:: 4 if dtype == "bfloat16" else 8], dict(top_k=1)
+    pairs, options = sample[:: 4 if dtype == "bfloat16" else 16], dict(top_k=1)  # fp16 is slow on most CPUs
     identical, worst, unexplained = run_both(half, reference, pairs, options, dtype)
     assert not unexplained, "\n".join(unexplained)
     assert worst <= SCORE_RTOL[dtype]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from conftest import SQUAD_FILE
 
-from distilqa.weights import DEFAULT_REPO_ID, weights_dir
+from distilqa.hub import DEFAULT_REPO_ID, find_local_checkpoint
 
 PUBLISHED_EXACT_MATCH = 79.5998
 PUBLISHED_F1 = 86.9965
@@ -18,9 +18,9 @@ PUBLISHED_F1 = 86.9965
 @pytest.mark.slow
 @pytest.mark.weights
 def test_published_checkpoint_reproduces_reported_accuracy():
-    checkpoint = weights_dir() / DEFAULT_REPO_ID
-    if not (checkpoint / "model.safetensors").exists():
-        pytest.skip(f"published weights not in {checkpoint}: run `distilqa download` to enable this test")
+    checkpoint, looked_in = find_local_checkpoint(DEFAULT_REPO_ID)
+    if checkpoint is None:
+        pytest.skip(f"published weights not on this machine ({'; '.join(looked_in)}): run `distilqa download`")
     if not SQUAD_FILE.exists():
         pytest.skip(f"SQuAD v1.1 dev set not found at {SQUAD_FILE}")
     from distilqa.pipeline import QuestionAnswerer
