@@ -79,7 +79,7 @@ class PairAnswerer:
         }
 
 
-class PairError(ValueError):
+class UnansweredPairsError(ValueError):
     """Some pairs could not be answered; ``errors`` maps their input positions to the reasons."""
 
     def __init__(self, errors: dict[int, str]):
@@ -175,7 +175,7 @@ def iter_answers_on_ray(
 def answer_on_ray(
     questions: Sequence[str], contexts: Sequence[str], model: str | os.PathLike, **kwargs: Any
 ) -> list[Any]:
-    """The answers of :func:`iter_answers_on_ray` as a list in input order; raises :class:`PairError`
+    """The answers of :func:`iter_answers_on_ray` as a list in input order; raises :class:`UnansweredPairsError`
     naming the refused pairs, if any."""
     answers, errors = [], {}
     for index, answer, error in iter_answers_on_ray(questions, contexts, model, **kwargs):
@@ -183,7 +183,7 @@ def answer_on_ray(
         if error:
             errors[index] = error
     if errors:
-        raise PairError(errors)
+        raise UnansweredPairsError(errors)
     return answers
 
 

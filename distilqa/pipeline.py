@@ -283,13 +283,13 @@ class QuestionAnswerer:
         """Consecutive windows (longest first) in batches of at most ``batch_size`` windows and
         ``max_tokens`` tokens (padded: windows x the first, longest one)."""
         batch: list[Window] = []
+        tokens = 0  # in the batch, the next window included: packed, the sum; padded, count x the longest
         for window in windows:
-            tokens = len(window.encoding.ids) + sum(len(w.encoding.ids) for w in batch)
-            if not self.packed:
-                tokens = (len(batch) + 1) * len((batch or [window])[0].encoding.ids)
+            length = len(window.encoding.ids)
+            tokens = tokens + length if self.packed else (len(batch) + 1) * len((batch or [window])[0].encoding.ids)
             if batch and (len(batch) == self.batch_size or tokens > self.max_tokens):
                 yield batch
-                batch = []
+                batch, tokens = [], length
             batch.append(window)
         if batch:
             yield batch

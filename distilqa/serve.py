@@ -29,7 +29,6 @@ import collections
 import contextlib
 import json
 import math
-import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -46,7 +45,7 @@ except ImportError as error:  # an optional extra: say how to get it
         f"distilqa serve needs FastAPI and uvicorn ({error.name} is missing): pip install 'distilqa[serve]'"
     ) from None
 
-from distilqa.pipeline import QuestionAnswerer
+from distilqa.pipeline import PairError, QuestionAnswerer
 
 ROUTES = ("/", "/v1/question-answering")
 # The pipeline's parameters: name -> (default, smallest value); None means "the pipeline's default".
@@ -390,9 +389,11 @@ def create_app(
             return JSONResponse({"error": str(error)}, status_code=503, headers={"Retry-After": "1"})
         try:
             answers = await future
-        except (ValueError, TypeError) as error:  # the pipeline's word on this request's input, answered alone
-            where = (lambda m: f"'inputs.{m[1]}'") if single else (lambda m: f"'inputs[{m[2]}].{m[1]}'")
-            raise RequestError(422, re.sub(r"\b(question|context) (\d+)\b", where, str(error))) from None
+        except PairError as error:  # the pipeline's word on one pair of this request, answered alone
+            where = f"'inputs.{error.field}'" if single else f"'inputs[{error.index}].{error.field}'"
+            raise RequestError(422, f"{where} {error.reason}") from None
+        except (ValueError, TypeError) as error:  # the request's options
+            raise RequestError(422, str(error)) from None
         except Exception as error:
             return JSONResponse({"error": f"answering failed: {type(error).__name__}: {error}"}, status_code=500)
         return JSONResponse(answers[0] if single else answers)

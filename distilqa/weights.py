@@ -82,7 +82,7 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{path} is missing")
     try:
         return load_file(path)
-    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+    except (SafetensorError, RuntimeError, ValueError) as error:  # not OSError: a permission error says so itself
         raise CheckpointError(
             f"{path} is not a readable safetensors file ({error}); it may be truncated or corrupt: download it again"
         ) from None

@@ -188,4 +188,4 @@ def test_forward_passes_respect_the_window_and_token_budgets(tiny_checkpoint, pa
     assert sum(count for count, _ in passes) == windows  # every window ran, once
     assert max(count for count, _ in passes) <= 5
     assert max(tokens for _, tokens in passes) <= 150
-    assert len(passes) >= windows * 40 // 150  # the budget, not only the window count, split the batches
+    assert len(passes) > -(-windows // 5)  # the token budget, not only the window count, split the batches
