@@ -70,6 +70,32 @@ class PairError(ValueError):
         super().__init__(f"{field} {index} {reason}")
         self.index, self.field, self.reason = index, field, reason
 
+    def describe(self, where: str | None = None) -> str:
+        """The message for a caller who names the pair its own way: ``where`` is, e.g., "in.jsonl:7"
+        or "'inputs[3]'"; None for a single pair ("the question is empty ...")."""
+        return f"the {self.field} {self.reason}" if where is None else f"{where}: the {self.field} {self.reason}"
+
+
+@dataclass(frozen=True)
+class AnswerOptions:
+    """The answering options and their defaults, as in the transformers question-answering pipeline;
+    the one definition that the pipeline, the CLI, the service and ``explain`` use."""
+
+    top_k: int = 1
+    max_answer_len: int = 15
+    max_seq_len: int | None = None  # None: min(384, the tokenizer's model_max_length)
+    doc_stride: int | None = None  # None: min(128, max_seq_len // 2)
+    handle_impossible_answer: bool = False
+    align_to_words: bool = True
+
+    @property
+    def candidates_per_window(self) -> int:
+        """Spans kept per window before merging: the reference's 2 * top_k + 10 with word alignment."""
+        return 2 * self.top_k + 10 if self.align_to_words else self.top_k
+
+
+DEFAULT_OPTIONS = AnswerOptions()
+
 
 @dataclass
 class Window:
@@ -182,12 +208,12 @@ class QuestionAnswerer:
         self,
         question: str | Sequence[str],
         context: str | Sequence[str],
-        top_k: int = 1,
-        max_answer_len: int = 15,
-        max_seq_len: int | None = None,
-        doc_stride: int | None = None,
-        handle_impossible_answer: bool = False,
-        align_to_words: bool = True,
+        top_k: int = DEFAULT_OPTIONS.top_k,
+        max_answer_len: int = DEFAULT_OPTIONS.max_answer_len,
+        max_seq_len: int | None = DEFAULT_OPTIONS.max_seq_len,
+        doc_stride: int | None = DEFAULT_OPTIONS.doc_stride,
+        handle_impossible_answer: bool = DEFAULT_OPTIONS.handle_impossible_answer,
+        align_to_words: bool = DEFAULT_OPTIONS.align_to_words,
         progress: bool = False,
     ) -> Answer | list[Answer] | list[Answer | list[Answer]]:
         """Answer one pair (``question`` and ``context`` strings) or many (lists of equal length, or a
@@ -205,7 +231,7 @@ class QuestionAnswerer:
         max_seq_len = min(384, self.tokenizer.model_max_length) if max_seq_len is None else max_seq_len
         doc_stride = min(128, max_seq_len // 2) if doc_stride is None and isinstance(max_seq_len, int) else doc_stride
         self._check_options(top_k, max_answer_len, max_seq_len, doc_stride)
-        candidates_per_window = 2 * top_k + 10 if align_to_words else top_k
+        candidates_per_window = AnswerOptions(top_k=top_k, align_to_words=align_to_words).candidates_per_window
 
         results: list[Answer | list[Answer]] = []
         bar = tqdm(total=len(questions), unit="question", disable=not progress, dynamic_ncols=True)
