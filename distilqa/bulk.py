@@ -12,13 +12,18 @@ drops one. The rows come back in input order (``preserve_order``). A pair the pi
 ("context has no tokens") becomes an error for that pair only, reported once the run is done.
 
 By default a local Ray instance is started (and shut down after); ``address`` joins an existing
-cluster (``"HOST:6379"``, ``"ray://HOST:10001"`` or ``"auto"``), see the README's recipe.
+cluster (``"HOST:6379"``, ``"ray://HOST:10001"`` or ``"auto"``), see the README's recipe. Ray's own
+logging (start-up notices, worker errors, warnings) is silenced unless ``verbose``; a cluster that
+cannot be reached is a :class:`RayClusterError` with one line saying so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +31,23 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from distilqa.files import open_output, read_pairs, write_jsonl_line
+from distilqa.validate import positive_int
+
 LOCAL = "local"  # the address meaning "start a local Ray instance"
+# Environment for a quiet Ray: no duplicate-log summaries, no usage-statistics notice, and the C++
+# core's log lines (such as a worker's core_worker.cc errors) only at ERROR severity... or none.
+QUIET_RAY_ENVIRONMENT = {
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_BACKEND_LOG_LEVEL": "fatal",
+    "RAY_LOG_TO_STDERR": "0",
+}
+RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
+
+
+class RayClusterError(ConnectionError):
+    """Ray could not be started, or the cluster at the given address could not be reached."""
 
 
 def _require_ray():
@@ -58,20 +79,22 @@ class PairAnswerer:
         self.options = options
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from distilqa.pipeline import PairError
+
         questions, contexts = [str(q) for q in batch["question"]], [str(c) for c in batch["context"]]
         answers: list[Any] = []
         errors: list[str] = []
         try:
             answers = self.answerer(questions, contexts, **self.options)
             errors = [""] * len(questions)
-        except ValueError:  # one pair is refused: answer the others one by one, keep its message
+        except PairError:  # one pair is refused: answer the others one by one, keep its reason
             for question, context in zip(questions, contexts):
                 try:
                     answers.append(self.answerer(question, context, **self.options))
                     errors.append("")
-                except ValueError as error:
+                except PairError as error:
                     answers.append(None)
-                    errors.append(str(error).replace("question 0", "the question").replace("context 0", "the context"))
+                    errors.append(error.describe())  # "the context has no tokens ...": the caller names the line
         return {
             "index": np.asarray(batch["index"], dtype=np.int64),
             "answer": np.array([json.dumps(a, ensure_ascii=False) for a in answers], dtype=object),
@@ -99,7 +122,7 @@ def iter_answers_on_ray(
     gpus_per_worker: float = 0.0,
     rows_per_batch: int = 64,
     load_options: dict[str, Any] | None = None,
-    actor_class: type = PairAnswerer,
+    verbose: bool = False,
     **options: Any,
 ) -> Iterator[tuple[int, Any | None, str]]:
     """Answer ``questions[i]`` about ``contexts[i]`` on Ray; yields ``(i, answer, error)`` for every
@@ -111,23 +134,93 @@ def iter_answers_on_ray(
     (top_k, max_answer_len, ...). ``address``: ``"local"`` starts a local Ray instance for this
     call; None lets Ray choose (``$RAY_ADDRESS``, a cluster started on this machine, or a new local
     instance); anything else is passed to ``ray.init(address=...)``. If Ray is
-    already initialised in this process, that connection is used. ``actor_class`` is for tests."""
+    already initialised in this process, that connection is used. ``verbose`` lets Ray log as it
+    likes; by default its notices and warnings are silenced."""
     ray = _require_ray()
     if len(questions) != len(contexts):
         raise ValueError(f"got {len(questions)} questions but {len(contexts)} contexts; they pair up one to one")
     if not questions:
         return
-    for name, value in (("rows_per_batch", rows_per_batch), ("workers", workers)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    positive_int("rows_per_batch", rows_per_batch)
+    if workers is not None:
+        positive_int("workers", workers)
     started_here = not ray.is_initialized()
-    if started_here:
+    with contextlib.ExitStack() as stack:
+        if not verbose:
+            stack.enter_context(_quiet_ray())
+        if started_here:
+            _start_ray(ray, address, verbose)
+        yield from _answers(
+            ray,
+            questions,
+            contexts,
+            model,
+            workers,
+            cpus_per_worker,
+            gpus_per_worker,
+            rows_per_batch,
+            load_options,
+            options,
+            started_here,
+        )
+
+
+def _start_ray(ray: Any, address: str | None, verbose: bool) -> None:
+    """``ray.init`` at ``address``; any failure (an unreachable address, a cluster of another Ray
+    version, a local start that fails) is one :class:`RayClusterError` line."""
+    where = "a local Ray instance" if address == LOCAL else f"the Ray cluster at {address!r}"
+    try:
         ray.init(
             address=address,  # "local": always a new instance, even where `ray start` left a cluster behind
             include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
+            log_to_driver=verbose,  # the workers' own output (Ray's notices, warnings) only when asked for
+            logging_level=logging.INFO if verbose else logging.ERROR,
+            configure_logging=True,
         )
+    except Exception as error:  # Ray raises ConnectionError, RuntimeError, ValueError, ...
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        reason = " ".join(str(error).split())[:300] or type(error).__name__
+        raise RayClusterError(f"could not start or reach {where}: {reason}") from error
+
+
+@contextlib.contextmanager
+def _quiet_ray() -> Iterator[None]:
+    """Ray's environment switches (read by the processes it starts) and Python loggers at ERROR, and
+    its warnings ignored, inside the block; all as they were after it."""
+    saved_environment = {name: os.environ.get(name) for name in QUIET_RAY_ENVIRONMENT}
+    saved_levels = {name: logging.getLogger(name).level for name in RAY_LOGGERS}
+    os.environ.update(QUIET_RAY_ENVIRONMENT)
+    for name in RAY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+            yield
+    finally:
+        for name, value in saved_environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        for name, level in saved_levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _answers(
+    ray: Any,
+    questions: Sequence[str],
+    contexts: Sequence[str],
+    model: str | os.PathLike,
+    workers: int | None,
+    cpus_per_worker: float,
+    gpus_per_worker: float,
+    rows_per_batch: int,
+    load_options: dict[str, Any] | None,
+    options: dict[str, Any],
+    started_here: bool,
+) -> Iterator[tuple[int, Any | None, str]]:
+    """The body of :func:`iter_answers_on_ray` once Ray is up; shuts Ray down after if it started it."""
     context = ray.data.DataContext.get_current()
     keep_order = context.execution_options.preserve_order
     keep_progress = context.enable_progress_bars
@@ -140,7 +233,7 @@ def iter_answers_on_ray(
         rows = [{"index": i, "question": q, "context": c} for i, (q, c) in enumerate(zip(questions, contexts))]
         blocks = max(1, min(len(rows), -(-len(rows) // rows_per_batch)))
         dataset = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
-            actor_class,
+            PairAnswerer,  # looked up at each call: tests replace it with a subclass
             batch_size=rows_per_batch,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=workers),
@@ -193,9 +286,8 @@ def answer_file_on_ray(
     """Answer a JSON Lines file of ``{"question", "context"[, "id"]}`` objects into ``output_path``
     (``{"id"?, "question", "answer"}`` per line, in input order), as ``distilqa ask --input`` does.
     The output is written under a temporary name and renamed once complete; a refused pair raises
-    ``ValueError`` naming its line, and leaves any existing output as it was. Returns the pair count."""
-    from distilqa.cli import open_output, read_pairs
-
+    ``ValueError`` naming its line, and leaves any existing output as it was. The caller checks the
+    output path first (:func:`distilqa.files.check_output`). Returns the pair count."""
     lines, pairs = zip(*read_pairs(input_path))  # every line checked before Ray starts
     questions, contexts = [p["question"] for p in pairs], [p["context"] for p in pairs]
     errors: dict[int, str] = {}
@@ -207,7 +299,7 @@ def answer_file_on_ray(
                 continue
             record = {"id": pairs[index]["id"]} if "id" in pairs[index] else {}
             record.update(question=pairs[index]["question"], answer=answer)
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            write_jsonl_line(out, record)
         if errors:  # raised inside open_output: the partial file is removed, an old output kept
             first = min(errors)
             more = f" (and {len(errors) - 1} more lines)" if len(errors) > 1 else ""

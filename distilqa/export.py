@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,8 +26,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from distilqa.files import atomic_write, check_output
 from distilqa.model import DistilBertForQuestionAnswering
-from distilqa.weights import CONFIG_FILE, TOKENIZER_FILES, resolve_checkpoint
+from distilqa.weights import CONFIG_FILE, TOKENIZER_FILES, load_checkpoint
 
 ONNX_FILE = "model.onnx"
 INPUT_NAMES = ("input_ids", "attention_mask")
@@ -130,24 +130,28 @@ def export_onnx(
     tokenizer_dir: str | os.PathLike | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
     check_shapes: Sequence[tuple[int, int]] = DEFAULT_CHECK_SHAPES,
+    device: str | torch.device | None = None,
+    overwrite: bool = False,
 ) -> ExportReport:
-    """Export a checkpoint (folder or hub repo id) or a loaded model to ``directory/model.onnx``,
-    with config.json and the tokenizer files beside it.
+    """Export a checkpoint (folder or hub repo id, loaded on ``device``) or a loaded model to the
+    folder ``directory``: ``model.onnx`` with config.json and the tokenizer files beside it.
 
     A loaded ``model`` is exported as it is (float32, on its device) and needs ``tokenizer_dir``,
-    the folder of its tokenizer files. The export is checked with onnxruntime at ``check_shapes``
+    the folder of its tokenizer files. An existing ``directory`` is refused unless ``overwrite``
+    (checked before the model loads). The export is checked with onnxruntime at ``check_shapes``
     before ``directory`` is touched: above ``tolerance`` it raises :class:`ExportCheckError` with
-    the max difference, and nothing is written. Files are written to a temporary folder first and
-    moved into ``directory`` only once complete.
+    the max difference, and nothing is written. The folder appears whole, or not at all.
     """
     _require_onnx()
+    inputs = [tokenizer_dir] if isinstance(model, DistilBertForQuestionAnswering) else [model, tokenizer_dir]
+    directory = check_output(directory, overwrite=overwrite, inputs=inputs, directory=True)
     if isinstance(model, DistilBertForQuestionAnswering):
         if tokenizer_dir is None:
             raise ValueError("exporting a loaded model needs tokenizer_dir, the folder of its tokenizer files")
         source = Path(tokenizer_dir)
     else:
-        source = resolve_checkpoint(model)
-        model = DistilBertForQuestionAnswering.from_pretrained(source)
+        loaded = load_checkpoint(DistilBertForQuestionAnswering, model, device=device)
+        source, model = loaded.directory, loaded.model
     if model.dtype != torch.float32:
         raise ValueError(f"export runs in float32; this model is {model.dtype} (load it with dtype=None)")
     if model.attn_implementation not in ("eager", "sdpa"):
@@ -159,35 +163,31 @@ def export_onnx(
         raise FileNotFoundError(
             f"{source} has no tokenizer files (tokenizer.json or vocab.txt) to put beside the model"
         )
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"--onnx {directory} is a file; name a folder")
-    if (directory / ONNX_FILE).exists():
-        raise FileExistsError(f"{directory / ONNX_FILE} already exists; remove it or choose another folder")
 
     was_training = model.training
     model.eval()
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    checks: list[tuple[float, list[tuple[int, int, bool]]]] = []
+
+    def write_folder(staging: Path) -> None:
+        staging.mkdir()
+        trace_example(model, staging / ONNX_FILE)
+        max_abs_diff, checked = compare_with_onnxruntime(model, staging / ONNX_FILE, check_shapes)
+        if not max_abs_diff <= tolerance:  # also catches NaN
+            raise ExportCheckError(
+                f"onnxruntime's logits differ from distilqa's by up to {max_abs_diff:.3g}, above the "
+                f"{tolerance:g} limit; nothing was written"
+            )
+        model.config.to_json_file(staging / CONFIG_FILE)
+        for name in TOKENIZER_FILES:
+            if (source / name).exists():
+                shutil.copyfile(source / name, staging / name)
+        checks.append((max_abs_diff, checked))
+
     try:
-        with tempfile.TemporaryDirectory(prefix=f".{directory.name}.", dir=directory.parent) as temporary:
-            staging = Path(temporary)
-            trace_example(model, staging / ONNX_FILE)
-            max_abs_diff, checked = compare_with_onnxruntime(model, staging / ONNX_FILE, check_shapes)
-            if not max_abs_diff <= tolerance:  # also catches NaN
-                raise ExportCheckError(
-                    f"onnxruntime's logits differ from distilqa's by up to {max_abs_diff:.3g}, above the "
-                    f"{tolerance:g} limit; nothing was written"
-                )
-            model.config.to_json_file(staging / CONFIG_FILE)
-            for name in TOKENIZER_FILES:
-                if (source / name).exists():
-                    shutil.copyfile(source / name, staging / name)
-            directory.mkdir(exist_ok=True)
-            last_first = sorted(staging.iterdir(), key=lambda path: path.name == ONNX_FILE)
-            for path in last_first:  # model.onnx last: the folder is complete once it is there
-                os.replace(path, directory / path.name)
+        atomic_write(directory, write_folder)
     finally:
         model.train(was_training)
+    (max_abs_diff, checked) = checks[0]
     return ExportReport(directory, max_abs_diff, checked, tolerance)
 
 

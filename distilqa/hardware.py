@@ -1,4 +1,4 @@
-"""What the machine at hand can do: CPU instruction sets, native bfloat16, and the dtype to use.
+"""What the machine at hand can do: CPU instruction sets, native bfloat16, the dtype and the device to use.
 
 Machines differ from one session to the next (Intel Xeons with AMX, AMD EPYCs with AVX512-BF16,
 AVX2-only machines where bfloat16 is emulated and slower than float32), so nothing is assumed:
@@ -23,7 +23,7 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # what help texts offer; DTYPES accepts short names too
 
 
 @functools.cache
@@ -73,3 +73,35 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str = 
         return DTYPES[dtype]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_CHOICES)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The long name of a supported dtype: "float32", "bfloat16" or "float16"."""
+    return str(resolve_dtype(dtype)).removeprefix("torch.")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A torch device this torch can run on, for ``device`` (None means the CPU); a ValueError that
+    says what to use instead for a name torch does not know ("nonsense"), a backend this build or
+    machine lacks ("cuda" on a CPU-only torch) or a device index beyond the ones present."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or another torch device type") from None
+    if resolved.type == "cpu":
+        return resolved
+    if resolved.type == "meta":
+        raise ValueError(f"device {device!r} holds no data and cannot run a model; use cpu or cuda")
+    backend = getattr(torch, resolved.type, None)
+    if backend is None or not callable(getattr(backend, "is_available", None)) or not backend.is_available():
+        if resolved.type == "cuda" and not torch.backends.cuda.is_built():
+            why = f"this torch ({torch.__version__}) was built without CUDA"
+        else:
+            why = f"torch {torch.__version__} finds no {resolved.type} device on this machine"
+        raise ValueError(f"device {device!r} is not available: {why}; use the cpu instead")
+    count = getattr(backend, "device_count", None)
+    if resolved.index is not None and callable(count) and resolved.index >= count():
+        raise ValueError(f"device {device!r} does not exist: this machine has {count()} {resolved.type} device(s)")
+    return resolved

@@ -11,15 +11,15 @@ the paper then normalises each layer's scores by their L2 norm, which :func:`pru
 follows. Pruning heads from least to most important and scoring the pruned model gives the
 EM/F1-versus-heads-pruned curve; pruning from the most important first shows what the order buys.
 
-``head_report`` writes ``importance.json`` and ``importance.png`` (a layers x heads heatmap) and
-``pruning_curve.json`` and ``pruning_curve.png``; the pictures need matplotlib (the ``explain`` extra).
+``head_report`` writes a folder holding ``importance.json`` and ``importance.png`` (a layers x heads
+heatmap) and ``pruning_curve.json`` and ``pruning_curve.png``, whole or not at all; the pictures need
+matplotlib (the ``explain`` extra).
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,14 +29,16 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from distilqa.hub import resolve_checkpoint
+from distilqa.files import atomic_write, check_output, write_json
 from distilqa.model import DistilBertForQuestionAnswering, span_loss
 from distilqa.pipeline import QuestionAnswerer
+from distilqa.plotting import require_matplotlib, save_figure
 from distilqa.squad import SquadQuestion, evaluate, predict
 from distilqa.tokenization import QuestionContextTokenizer
 from distilqa.train import collate, read_training_questions, span_logits, training_windows
+from distilqa.validate import at_least, positive_int
+from distilqa.weights import load_checkpoint
 
-INSTALL_HINT = 'pip install "distilqa[explain]"  (or: pip install matplotlib)'
 REPORT_FILES = ("importance.json", "importance.png", "pruning_curve.json", "pruning_curve.png")
 Head = tuple[int, int]  # (layer, head), heads numbered as in the unpruned layer
 
@@ -130,7 +132,9 @@ def pruning_curve(
     progress: bool = False,
 ) -> list[dict]:
     """EM and F1 after pruning the first k heads of ``order``, for ``points`` values of k from 0 to
-    all of them, evenly spaced and always including half: ``[{"heads_pruned", "exact_match", "f1"}]``."""
+    all of them, evenly spaced and always including half: ``[{"heads_pruned", "exact_match", "f1"}]``.
+    ``points`` is at least 2 (none pruned, all pruned)."""
+    at_least("points", points, 2)
     counts = sorted({round(i * len(order) / (points - 1)) for i in range(points)} | {len(order) // 2})
     curve = []
     for k in tqdm(counts, unit="point", disable=not progress, desc="pruning curve"):
@@ -147,20 +151,23 @@ def head_report(
     points: int = 13,
     options: WindowingOptions | None = None,
     progress: bool = True,
+    device: str | torch.device | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Importance of every head of the checkpoint at ``model_path`` on the SQuAD file ``data`` (its
     first ``limit`` questions), and EM/F1 as heads are pruned least important first (and, for
-    comparison, most important first). Writes :data:`REPORT_FILES` into ``out`` (never over
-    existing files); returns what the JSON files hold."""
-    out = Path(out)
-    if existing := [name for name in REPORT_FILES if (out / name).exists()]:
-        raise ValueError(f"{out} already holds {', '.join(existing)}; choose another --out or remove them")
-    pyplot = require_matplotlib()  # before the work: say at once what to install
+    comparison, most important first), on ``device``. Writes the folder ``out`` holding
+    :data:`REPORT_FILES`, whole once everything is done; an existing ``out`` is replaced only with
+    ``overwrite``. Returns what the JSON files hold."""
+    if limit is not None:
+        positive_int("limit", limit)
+    at_least("points", points, 2)
+    out = check_output(out, overwrite=overwrite, inputs=[data, model_path], directory=True)
+    pyplot = require_matplotlib("distilqa heads")  # before the work: say at once what to install
     options = options or WindowingOptions()
     questions = read_training_questions(data)[:limit]
-    directory = resolve_checkpoint(model_path)
-    model = DistilBertForQuestionAnswering.from_pretrained(directory)
-    tokenizer = QuestionContextTokenizer.from_pretrained(directory)
+    loaded = load_checkpoint(DistilBertForQuestionAnswering, model_path, device=device)
+    model, tokenizer = loaded.model, loaded.tokenizer
     importance = head_importance(model, tokenizer, questions, options, progress)
     order = pruning_order(importance)
     report = {
@@ -177,26 +184,16 @@ def head_report(
     least_first = pruning_curve(model, tokenizer, questions, order, points, options, progress)
     most_first = pruning_curve(model, tokenizer, questions, order[::-1], points, options, progress)
     curve = {"model": str(model_path), "least_important_first": least_first, "most_important_first": most_first}
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "importance.json", report)
-    _write_json(out / "pruning_curve.json", curve)
-    plot_importance(pyplot, importance, out / "importance.png", f"Head importance: {Path(model_path).name}")
-    plot_curve(pyplot, curve, len(order), out / "pruning_curve.png")
+
+    def write_folder(folder: Path) -> None:
+        folder.mkdir()
+        write_json(folder / "importance.json", report, indent=1)
+        write_json(folder / "pruning_curve.json", curve, indent=1)
+        plot_importance(pyplot, importance, folder / "importance.png", f"Head importance: {Path(model_path).name}")
+        plot_curve(pyplot, curve, len(order), folder / "pruning_curve.png")
+
+    atomic_write(out, write_folder)
     return {"importance": report, "pruning_curve": curve}
-
-
-def require_matplotlib():
-    """matplotlib.pyplot on the file-only Agg backend, or an ImportError that says what to install."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise ImportError(
-            f"distilqa heads draws its pictures with matplotlib, which is missing: {INSTALL_HINT}"
-        ) from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as pyplot
-
-    return pyplot
 
 
 def plot_importance(pyplot, importance: Tensor, path: Path, title: str) -> None:
@@ -219,7 +216,7 @@ def plot_importance(pyplot, importance: Tensor, path: Path, title: str) -> None:
     axes.set_title(title)
     figure.colorbar(image, ax=axes, label="E |d loss / d head gate|")
     figure.tight_layout()
-    _save_figure(pyplot, figure, path)
+    save_figure(figure, path)
 
 
 def plot_curve(pyplot, curve: dict, total_heads: int, path: Path) -> None:
@@ -239,21 +236,8 @@ def plot_curve(pyplot, curve: dict, total_heads: int, path: Path) -> None:
     axes.legend(fontsize=8)
     axes.set_title("SQuAD EM / F1 as attention heads are pruned")
     figure.tight_layout()
-    _save_figure(pyplot, figure, path)
+    save_figure(figure, path)
 
 
 def _table(values: Tensor) -> list[list[float | None]]:
     return [[None if v != v else round(v, 6) for v in row] for row in values.tolist()]
-
-
-def _save_figure(pyplot, figure, path: Path) -> None:
-    partial = path.with_name(path.name + ".partial.png")
-    figure.savefig(partial)
-    pyplot.close(figure)
-    os.replace(partial, path)
-
-
-def _write_json(path: Path, value: dict) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
-    os.replace(partial, path)

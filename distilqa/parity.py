@@ -14,19 +14,15 @@ functions, never when this module is imported.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import math
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from distilqa.attention import AttentionFunction
-from distilqa.config import DistilBertConfig
+from distilqa.testing import import_transformers, quiet_transformers, sample_inputs
 
 # Eager against eager runs the same operations in the same order, so fp32 is expected to agree
 # exactly; the tolerance only leaves room for other cores (sdpa picks its own kernels).
@@ -35,8 +31,6 @@ DEFAULT_TOLERANCES: dict[torch.dtype, float] = {
     torch.float16: 1e-2,
     torch.bfloat16: 1e-2,
 }
-
-TRANSFORMERS_MISSING = "distilqa verify needs transformers (<5.3): pip install 'distilqa[test]'"
 
 
 @dataclass
@@ -61,10 +55,12 @@ class ParityReport:
     checkpoint: str
     attn_implementation: str
     dtype: str
+    # Why the checkpoint's tokenizer does not fit the model (empty: it fits); None: the folder has none.
+    tokenizer_problems: list[str] | None = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return all(row.passed for row in self.rows)
+        return all(row.passed for row in self.rows) and not self.tokenizer_problems
 
     @property
     def first_divergence(self) -> str | None:
@@ -84,10 +80,17 @@ class ParityReport:
                 f"{row.name:<{width}} | {row.max_abs_diff:>12.3e} | {row.tolerance:>9.1e} | "
                 f"{'PASS' if row.passed else 'FAIL'}"
             )
+        if self.tokenizer_problems is None:
+            lines.append("tokenizer: none in the checkpoint folder, not checked")
+        else:
+            lines.append(f"tokenizer: {'FAIL' if self.tokenizer_problems else 'PASS, it fits the model'}")
+            lines.extend(f"  {problem}" for problem in self.tokenizer_problems)
         if self.passed:
             lines.append(f"PASS: all {len(self.rows)} results within tolerance of transformers")
-        else:
+        elif self.first_divergence is not None:
             lines.append(f"FAIL: first difference at {self.first_divergence}")
+        else:
+            lines.append("FAIL: the tokenizer does not fit the model")
         return "\n".join(lines)
 
 
@@ -180,89 +183,6 @@ def compare_models(
     return rows
 
 
-def sample_inputs(vocab_size: int, seed: int = 0, max_length: int = 200) -> tuple[Tensor, Tensor]:
-    """A deterministic padded batch: rows of 7, 64 and ``max_length`` tokens (lengths capped at
-    ``max_length``), right-padded with id 0 to ``max_length``.
-
-    Ids come from [1000, vocab_size) when the vocabulary is that large (clear of BERT's special
-    ids), else from [1, vocab_size); the first token is 101 (``[CLS]``) when the vocabulary has it.
-    Returns input_ids (3, max_length) int64 and attention_mask (3, max_length) int64.
-    """
-    if vocab_size < 2 or max_length < 1:
-        raise ValueError(f"sample_inputs needs vocab_size >= 2 and max_length >= 1, got {vocab_size}, {max_length}")
-    lengths = [min(length, max_length) for length in (7, 64, max_length)]
-    low = 1000 if vocab_size > 1000 else 1
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(low, vocab_size, (len(lengths), max_length), generator=generator)  # (3, max_length)
-    if vocab_size > 102:
-        input_ids[:, 0] = 101
-    attention_mask = torch.zeros_like(input_ids)  # (3, max_length)
-    for row, length in enumerate(lengths):
-        attention_mask[row, :length] = 1
-    return input_ids * attention_mask, attention_mask  # padding ids are 0, the pad id
-
-
-def _import_transformers() -> Any:
-    try:
-        import transformers
-    except ImportError:
-        raise ImportError(TRANSFORMERS_MISSING) from None
-    return transformers
-
-
-def save_reference_checkpoint(
-    directory: str | os.PathLike,
-    config: DistilBertConfig | None = None,
-    seed: int = 0,
-    span_head_sharpness: float = 0.0,
-) -> os.PathLike:
-    """Build transformers' DistilBertForQuestionAnswering with random weights (seeded) at ``config``
-    (default: the published configuration) and save it with safetensors into ``directory``: the
-    stand-in for the real checkpoint in tests and benchmarks. The global random state is left as it was.
-
-    Random weights give nearly flat, uncorrelated start and end logits, so every span scores ~1e-4,
-    unlike a trained model. ``span_head_sharpness`` > 0 rewrites the span head (``qa_outputs``) so
-    that scores look trained: the start and end rows are made nearly parallel (the same tokens score
-    high as start and as end), orthogonal to the mean [CLS] hidden state (so "no answer" does not
-    absorb the probability), and scaled by ``span_head_sharpness``."""
-    transformers = _import_transformers()
-    values = dataclasses.asdict(config or DistilBertConfig())
-    with _quiet(transformers), torch.random.fork_rng(devices=[]):  # transformers initialises from the global RNG
-        torch.manual_seed(seed)
-        reference = transformers.DistilBertForQuestionAnswering(transformers.DistilBertConfig(**values)).eval()
-    if span_head_sharpness > 0:
-        _sharpen_span_head(reference, span_head_sharpness)
-    with _quiet(transformers):
-        reference.save_pretrained(directory, safe_serialization=True)
-    return directory
-
-
-@torch.no_grad()
-def _sharpen_span_head(reference: nn.Module, sharpness: float, alignment: float = 0.95) -> None:
-    """See :func:`save_reference_checkpoint`: start row = sharpness * a, end row = sharpness *
-    (alignment * a + sqrt(1 - alignment²) * b), where a and b are the random rows with the mean [CLS]
-    hidden state (measured on :func:`sample_inputs`) projected out."""
-    input_ids, attention_mask = sample_inputs(reference.config.vocab_size, max_length=64)
-    hidden = reference.distilbert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (3, 64, dim)
-    cls = hidden[:, 0].mean(0)
-    cls = cls / cls.norm()  # (dim,)
-    start, end = (row - (row @ cls) * cls for row in reference.qa_outputs.weight)  # (dim,) each
-    reference.qa_outputs.weight[0] = sharpness * start
-    reference.qa_outputs.weight[1] = sharpness * (alignment * start + (1 - alignment**2) ** 0.5 * end)
-
-
-@contextlib.contextmanager
-def _quiet(transformers: Any) -> Iterator[None]:
-    """transformers' progress bars off inside the block, and back as they were after it."""
-    enabled = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            transformers.utils.logging.enable_progress_bar()
-
-
 def verify_checkpoint(
     name_or_path: str | os.PathLike,
     attn_implementation: str | AttentionFunction = "eager",
@@ -271,29 +191,31 @@ def verify_checkpoint(
     device: str | torch.device | None = None,
 ) -> ParityReport:
     """Load a checkpoint (folder or hub repo id) into our model and into transformers', on ``device``
-    (default cpu), and compare them on :func:`sample_inputs`. ``dtype`` is a torch dtype or its name
-    ("float32", "bfloat16", "float16"). The default tolerance is 1e-5 for float32 and 1e-2 for
-    float16 and bfloat16. ``attn_implementation`` is used on both sides (a callable only on ours; the
-    reference then uses eager attention)."""
-    transformers = _import_transformers()
+    (default cpu), and compare them on :func:`sample_inputs`; check that the checkpoint's tokenizer
+    fits the model (a misfit fails the report). ``dtype`` is a torch dtype or a name that
+    :func:`distilqa.hardware.resolve_dtype` knows ("float32", "bf16", "auto", ...). The default
+    tolerance is 1e-5 for float32 and 1e-2 for float16 and bfloat16. ``attn_implementation`` is used
+    on both sides (a callable only on ours; the reference then uses eager attention)."""
+    transformers = import_transformers("distilqa verify")
+    from distilqa.hardware import resolve_device, resolve_dtype
     from distilqa.model import DistilBertForQuestionAnswering
-    from distilqa.weights import resolve_checkpoint
+    from distilqa.weights import load_checkpoint
 
-    if isinstance(dtype, str):
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-        dtype = getattr(torch, dtype)
-    if dtype not in DEFAULT_TOLERANCES:
-        raise ValueError(f"dtype must be one of {', '.join(map(str, DEFAULT_TOLERANCES))}, got {dtype}")
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     if tolerance is None:
         tolerance = DEFAULT_TOLERANCES[dtype]
-    device = torch.device(device or "cpu")
-    directory = resolve_checkpoint(name_or_path)
-    ours = DistilBertForQuestionAnswering.from_pretrained(
-        directory, device=device, dtype=dtype, attn_implementation=attn_implementation
+    loaded = load_checkpoint(
+        DistilBertForQuestionAnswering,
+        name_or_path,
+        device=device,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        fit_tokenizer=False,  # a misfit is reported in the table, beside the logits
     )
+    directory, ours = loaded.directory, loaded.model
     reference_attention = attn_implementation if isinstance(attn_implementation, str) else "eager"
-    with _quiet(transformers):
+    with quiet_transformers(transformers):
         reference = transformers.DistilBertForQuestionAnswering.from_pretrained(
             directory, attn_implementation=reference_attention, dtype=dtype
         )
@@ -306,4 +228,7 @@ def verify_checkpoint(
         checkpoint=str(name_or_path),
         attn_implementation=ours.attn_implementation,
         dtype=str(dtype).removeprefix("torch."),
+        tokenizer_problems=None
+        if loaded.tokenizer is None
+        else loaded.tokenizer.fit_problems(ours.config.vocab_size, ours.config.pad_token_id),
     )

@@ -39,8 +39,9 @@ from tqdm.auto import tqdm
 
 from distilqa.linear import quantize_int8
 from distilqa.model import DistilBertForQuestionAnswering
+from distilqa.options import DEFAULT_OPTIONS, AnswerOptions
 from distilqa.tokenization import QuestionContextTokenizer
-from distilqa.weights import DEFAULT_REPO_ID, resolve_checkpoint
+from distilqa.weights import DEFAULT_REPO_ID, load_checkpoint
 
 EXCLUDED_LOGIT = -10000.0  # the reference's value for tokens that cannot be in an answer
 # Tokens per forward pass on the CPU: large enough for full-speed GEMMs, small enough that the largest
@@ -74,27 +75,6 @@ class PairError(ValueError):
         """The message for a caller who names the pair its own way: ``where`` is, e.g., "in.jsonl:7"
         or "'inputs[3]'"; None for a single pair ("the question is empty ...")."""
         return f"the {self.field} {self.reason}" if where is None else f"{where}: the {self.field} {self.reason}"
-
-
-@dataclass(frozen=True)
-class AnswerOptions:
-    """The answering options and their defaults, as in the transformers question-answering pipeline;
-    the one definition that the pipeline, the CLI, the service and ``explain`` use."""
-
-    top_k: int = 1
-    max_answer_len: int = 15
-    max_seq_len: int | None = None  # None: min(384, the tokenizer's model_max_length)
-    doc_stride: int | None = None  # None: min(128, max_seq_len // 2)
-    handle_impossible_answer: bool = False
-    align_to_words: bool = True
-
-    @property
-    def candidates_per_window(self) -> int:
-        """Spans kept per window before merging: the reference's 2 * top_k + 10 with word alignment."""
-        return 2 * self.top_k + 10 if self.align_to_words else self.top_k
-
-
-DEFAULT_OPTIONS = AnswerOptions()
 
 
 @dataclass
@@ -160,7 +140,8 @@ class QuestionAnswerer:
         max_tokens: int | None = None,
     ) -> QuestionAnswerer:
         """Load model and tokenizer from a checkpoint folder or hub repo id (found in the Hugging Face
-        cache or weights/, else downloaded into the cache: see :mod:`distilqa.hub`).
+        cache or weights/, else downloaded into the cache: see :mod:`distilqa.hub`). A device this
+        torch cannot use, or a tokenizer that does not fit the model, is refused before the weights load.
 
         ``dtype``: None / "float32" (the default; answers match the reference), "bfloat16",
         "float16", or "auto" (bfloat16 where the hardware has it). ``attn_implementation`` and
@@ -177,21 +158,23 @@ class QuestionAnswerer:
             raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
         if revision is not None and Path(name_or_path).expanduser().is_dir():
             raise ValueError(f"revision={revision!r} selects a hub version, but {name_or_path} is a local folder")
-        directory = resolve_checkpoint(name_or_path, revision)
-        model = DistilBertForQuestionAnswering.from_pretrained(
-            directory,
+        loaded = load_checkpoint(
+            DistilBertForQuestionAnswering,
+            name_or_path,
+            revision,
             device=device,
             dtype=dtype,
             attn_implementation=attn_implementation,
             linear_backend=linear_backend,
         )
+        model = loaded.model
         if quantize == "int8":
             if model.device.type != "cpu" or model.dtype != torch.float32:
                 raise ValueError("quantize='int8' needs a float32 model on the CPU (dtype float32, device cpu)")
             quantize_int8(model.distilbert.transformer)  # the encoder's layers; the small head stays float32
         if compile:
             model.compile_blocks()
-        return cls(model, QuestionContextTokenizer.from_pretrained(directory), batch_size, packed, max_tokens)
+        return cls(model, loaded.tokenizer, batch_size, packed, max_tokens)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write the model (config.json, model.safetensors) and the tokenizer (tokenizer.json,

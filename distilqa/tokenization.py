@@ -22,6 +22,9 @@ from tokenizers.pre_tokenizers import BertPreTokenizer
 from tokenizers.processors import TemplateProcessing
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+# Tokens a model's tokenizer must have, and a sentence any vocabulary for English text reads without [UNK].
+REQUIRED_TOKENS = ("[CLS]", "[SEP]", "[PAD]")
+PROBE_TEXT = "The university was founded in Paris in 1998, and 42 students study there today."
 CONFIGURED_COPIES = 8  # window settings kept configured at once (one tokenizer copy each, ~30 ms to make)
 
 
@@ -97,6 +100,36 @@ class QuestionContextTokenizer:
                 f"{directory} has no tokenizer: it needs tokenizer.json, or vocab.txt (+ tokenizer_config.json)"
             )
         return cls(tokenizer, int(config.get("model_max_length", 512)))
+
+    @property
+    def id_count(self) -> int:
+        """One more than the largest token id: the embedding rows the tokenizer's ids need."""
+        return max(self.tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+
+    def fit_problems(self, vocab_size: int, pad_token_id: int) -> list[str]:
+        """Why this tokenizer cannot feed a model whose embedding table has ``vocab_size`` rows and
+        whose padding id is ``pad_token_id``, one sentence each; empty when it fits. Checked: ids
+        beyond the table, missing or disagreeing special tokens, and a vocabulary that reads plain
+        English as [UNK] (another model's tokenizer, or a stub)."""
+        problems = []
+        if self.id_count > vocab_size:
+            problems.append(
+                f"the tokenizer has ids up to {self.id_count - 1} but the model's embedding table has "
+                f"{vocab_size} rows (vocab_size): ids from {vocab_size} on cannot be embedded"
+            )
+        if missing := [token for token in REQUIRED_TOKENS if self.tokenizer.token_to_id(token) is None]:
+            problems.append(f"the tokenizer lacks the special token(s) {', '.join(missing)}")
+        pad = self.tokenizer.token_to_id("[PAD]")
+        if pad is not None and pad != pad_token_id:
+            problems.append(f"the tokenizer's [PAD] is id {pad} but the model's pad_token_id is {pad_token_id}")
+        unk = self.tokenizer.token_to_id("[UNK]")
+        ids = self.tokenizer.encode(PROBE_TEXT, add_special_tokens=False).ids
+        if unk is not None and 2 * ids.count(unk) > len(ids):
+            problems.append(
+                f"the tokenizer reads {ids.count(unk)} of the {len(ids)} tokens of a plain English sentence as "
+                f"[UNK] ({self.id_count} ids for an embedding table of {vocab_size}): it is not this model's vocabulary"
+            )
+        return problems
 
     @property
     def cls_token_id(self) -> int:

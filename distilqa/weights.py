@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -19,6 +21,7 @@ from torch import Tensor
 
 from distilqa.attention import AttentionFunction
 from distilqa.config import DistilBertConfig
+from distilqa.hardware import resolve_device
 
 # Re-exported: finding checkpoints lives in distilqa.hub (torch-free, so the CLI starts fast).
 from distilqa.hub import (  # noqa: F401
@@ -34,6 +37,7 @@ from distilqa.hub import (  # noqa: F401
     resolve_checkpoint,
     weights_dir,
 )
+from distilqa.tokenization import QuestionContextTokenizer
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -138,6 +142,56 @@ def load_pretrained(
     state = convert_state_dict(read_state_dict(directory), model.state_dict(), directory)
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device=device or "cpu", dtype=dtype or torch.float32).eval()
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: its folder, the model (eval mode) and the tokenizer checked to fit it
+    (None only from ``load_checkpoint(fit_tokenizer=False)`` on a folder without tokenizer files)."""
+
+    directory: Path
+    model: Any  # an instance of the model_class given to load_checkpoint
+    tokenizer: QuestionContextTokenizer | None
+
+
+def check_tokenizer(tokenizer: QuestionContextTokenizer, config: DistilBertConfig, source: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` when ``tokenizer`` cannot feed a model of ``config`` (see
+    :meth:`QuestionContextTokenizer.fit_problems`), naming ``source``."""
+    if problems := tokenizer.fit_problems(config.vocab_size, config.pad_token_id):
+        raise CheckpointError(
+            f"{os.fspath(source)}: the tokenizer does not fit the model: {'; '.join(problems)}. "
+            "Put the model's own tokenizer files (tokenizer.json or vocab.txt) beside its weights"
+        )
+
+
+def load_checkpoint(
+    model_class: type,
+    name_or_path: str | os.PathLike,
+    revision: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    attn_implementation: str | AttentionFunction = "sdpa",
+    linear_backend: str = "aten",
+    fit_tokenizer: bool = True,
+) -> Checkpoint:
+    """The one way to load a checkpoint with its tokenizer: find the folder (:func:`resolve_checkpoint`),
+    check the device, read the tokenizer and check it fits the model's configuration, then build
+    ``model_class.from_pretrained(folder, ...)``. Every problem is found before the weights are read.
+    ``fit_tokenizer=False`` (``distilqa verify``, which reports misfits instead) skips the check and
+    accepts a folder without tokenizer files (``tokenizer`` None)."""
+    device = resolve_device(device)
+    directory = resolve_checkpoint(name_or_path, revision)
+    config_path = directory / CONFIG_FILE
+    if not config_path.exists():
+        raise CheckpointError(f"{directory} has no {CONFIG_FILE}")
+    has_tokenizer = any((directory / name).is_file() for name in ("tokenizer.json", "vocab.txt"))
+    tokenizer = QuestionContextTokenizer.from_pretrained(directory) if fit_tokenizer or has_tokenizer else None
+    if fit_tokenizer:
+        check_tokenizer(tokenizer, DistilBertConfig.from_json_file(config_path), directory)
+    model = model_class.from_pretrained(
+        directory, device=device, dtype=dtype, attn_implementation=attn_implementation, linear_backend=linear_backend
+    )
+    return Checkpoint(directory, model, tokenizer)
 
 
 def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> None:
