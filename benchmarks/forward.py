@@ -62,7 +62,7 @@ from benchmarks.common import (
 from benchmarks.peers import PEERS, export_reference_onnx
 from distilqa import DistilBertConfig, DistilBertForQuestionAnswering
 from distilqa.linear import fastest_linear_backend, onednn_available, quantize_int8
-from distilqa.parity import save_reference_checkpoint
+from distilqa.testing import save_reference_checkpoint
 
 DEFAULT_SHAPES = "1x128,1x384,8x384,32x128"
 SMALL_SHAPES = "1x16,2x32"

@@ -52,7 +52,7 @@ from benchmarks.peers import PEERS, export_reference_onnx
 from distilqa import DistilBertConfig, QuestionAnswerer
 from distilqa.hardware import has_native_bfloat16
 from distilqa.linear import LINEAR_BACKENDS, fastest_linear_backend, gemm_throughput, onednn_available
-from distilqa.parity import save_reference_checkpoint
+from distilqa.testing import save_reference_checkpoint
 from distilqa.squad import read_squad
 from distilqa.tokenization import write_tokenizer_files
 

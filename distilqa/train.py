@@ -16,19 +16,30 @@ The recipe of the reference fine-tuning scripts (transformers' ``run_qa.py`` and
    checkpoint this way on SQuAD). The teacher runs in eval mode without gradients.
 
 Everything a run writes goes into a new output folder: ``train_log.jsonl`` (one JSON object per
-optimizer step and per evaluation), ``checkpoint-<step>/`` folders (model, tokenizer files and
-``training_state.pt`` with the optimizer, scheduler, step and random-number state, so ``resume``
-continues exactly where the checkpoint left off) and, at the end, the final model in the folder itself.
+optimizer step and per evaluation), ``checkpoint-<step>/`` folders (model, tokenizer files, the run's
+options and ``training_state.pt`` with the optimizer, scheduler, step and random-number state, so
+``resume`` continues exactly where the checkpoint left off; each folder appears whole or not at all)
+and, at the end, the final model in the folder itself. ``save_total_limit`` keeps only the newest
+checkpoints (and the best evaluated one).
+
+SIGINT or SIGTERM during a run finishes the current optimizer step, saves a checkpoint and returns
+(``TrainingResult.stopped_by``); a second signal stops at once. :func:`resumed_options` continues a
+run from a checkpoint with its saved options, into a new folder or into the run's own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
 import math
 import os
 import shutil
+import signal
+import sys
+import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,19 +50,43 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from distilqa.files import OutputError, atomic_write, check_output, write_json, write_text
 from distilqa.hardware import has_native_bfloat16
 from distilqa.hub import CONFIG_FILE, TOKENIZER_FILES, resolve_checkpoint
 from distilqa.model import DistilBertForQuestionAnswering, span_loss
 from distilqa.pipeline import EXCLUDED_LOGIT, QuestionAnswerer
 from distilqa.squad import SquadQuestion, evaluate, predict, read_squad
 from distilqa.tokenization import QuestionContextTokenizer
+from distilqa.validate import at_least, one_of, positive_int
 
 LOG_FILE = "train_log.jsonl"
 STATE_FILE = "training_state.pt"
 OPTIONS_FILE = "training_options.json"
 CHECKPOINT_PREFIX = "checkpoint-"
-# Options that fix which windows form which step: a resumed run must use the checkpoint's values.
-SCHEDULE_OPTIONS = ("batch_size", "gradient_accumulation_steps", "epochs", "max_seq_len", "doc_stride", "seed")
+# The options a resumed run keeps from its checkpoint, with what each decides: changing one midway would
+# make the rest a different run. Every other option (where to write, what to evaluate and save, the
+# device) may be given again.
+FIXED_ON_RESUME = {
+    "model": "the weights the run started from",
+    "student_layers": "the weights the run started from",
+    "data": "which windows form each step",
+    "max_seq_len": "which windows form each step",
+    "doc_stride": "which windows form each step",
+    "batch_size": "which windows form each step",
+    "gradient_accumulation_steps": "which windows form each step",
+    "seed": "the order of the windows and the dropout",
+    "epochs": "the number of steps, and so the learning-rate schedule",
+    "learning_rate": "the learning-rate schedule",
+    "warmup_ratio": "the learning-rate schedule",
+    "weight_decay": "the optimizer's updates",
+    "max_grad_norm": "the optimizer's updates",
+    "teacher": "the loss",
+    "alpha": "the loss",
+    "temperature": "the loss",
+    "dtype": "the arithmetic of every step",
+}
+PATH_OPTIONS = ("model", "data", "teacher", "eval_data", "output", "resume")  # compared as places, saved absolute
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 DTYPE_CHOICES = ("float32", "bfloat16", "auto")
 
 
@@ -62,6 +97,7 @@ class TrainingOptions:
     model: Path | str  # checkpoint folder or hub repo id to start from (config, safetensors, tokenizer files)
     data: Path  # SQuAD v1.1 .json or .zip
     output: Path  # a new folder
+    overwrite: bool = False  # replace an existing output folder (never one holding an input)
     epochs: int = 2
     batch_size: int = 12  # windows per forward pass
     gradient_accumulation_steps: int = 1  # forward passes per optimizer step
@@ -74,6 +110,7 @@ class TrainingOptions:
     eval_data: Path | None = None
     eval_every: int = 0  # optimizer steps between evaluations; 0: only at the end
     save_every: int = 0  # optimizer steps between checkpoints; 0: at the end of each epoch
+    save_total_limit: int | None = None  # keep only the newest N checkpoints (and the best evaluated one)
     teacher: Path | str | None = None  # checkpoint folder or hub repo id
     alpha: float = 0.5  # weight of the distillation loss
     temperature: float = 2.0
@@ -85,7 +122,8 @@ class TrainingOptions:
     progress: bool = True
 
     def to_json(self) -> dict:
-        return {key: str(value) if isinstance(value, Path) else value for key, value in asdict(self).items()}
+        """The options as JSON values; paths made absolute, so a run can be resumed from another folder."""
+        return {key: _absolute(value) if key in PATH_OPTIONS else value for key, value in asdict(self).items()}
 
 
 @dataclass
@@ -99,10 +137,12 @@ class TrainingWindow:
 
 @dataclass
 class TrainingResult:
-    output: Path  # the folder holding the final model
+    output: Path  # the folder holding the final model (or, when stopped, the checkpoints)
     steps: int
     losses: list[float] = field(default_factory=list)  # per optimizer step run in this call
     evaluations: list[dict] = field(default_factory=list)  # {"step", "exact_match", "f1"}
+    stopped_by: int | None = None  # the signal (SIGINT, SIGTERM) that stopped the run before its end
+    checkpoint: Path | None = None  # the newest checkpoint written: the one to resume from when stopped
 
 
 # --------------------------------------------------------------------------- #
@@ -233,11 +273,13 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
-    """Learning rate factor: 0 -> 1 over ``warmup_steps``, then 1 -> 0 at ``total_steps``."""
+    """Learning-rate factor of step s (0-based): s / warmup_steps while warming up (0 at step 0), 1 at
+    ``warmup_steps``, then falling linearly to 0 at ``total_steps``: transformers'
+    ``get_linear_schedule_with_warmup``, which the reference recipe uses."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
+            return step / warmup_steps
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -258,7 +300,8 @@ class Trainer:
         # Every check that can fail runs here, before any training and before anything is written.
         start = Path(options.resume) if options.resume is not None else resolve_checkpoint(options.model)
         self.resume_state = _read_resume_state(options) if options.resume is not None else None
-        _check_output(Path(options.output))
+        resumed_step = int(self.resume_state["step"]) if self.resume_state is not None else None
+        self.continues_in_place = _check_output(options, resumed_step)
         self.tokenizer_dir = _tokenizer_dir(start)
         self.tokenizer = QuestionContextTokenizer.from_pretrained(self.tokenizer_dir)
         self.questions = read_training_questions(options.data)
@@ -286,10 +329,13 @@ class Trainer:
             self.optimizer, round(options.warmup_ratio * self.total_steps), self.total_steps
         )
         self.step = 0
+        self.best: dict | None = None  # {"step", "f1"} of the best evaluation so far
+        self.stopped_by: int | None = None  # set by a signal handler while the run is under way
         if self.resume_state is not None:
             self.optimizer.load_state_dict(self.resume_state["optimizer"])
             self.scheduler.load_state_dict(self.resume_state["scheduler"])
             self.step = int(self.resume_state["step"])
+            self.best = self.resume_state.get("best")
 
     def _check_lengths(self, model: DistilBertForQuestionAnswering) -> None:
         if self.options.max_seq_len > model.config.max_position_embeddings:
@@ -305,8 +351,12 @@ class Trainer:
 
     def run(self) -> TrainingResult:
         options, output = self.options, Path(self.options.output)
+        if options.overwrite and not self.continues_in_place and output.is_dir():
+            shutil.rmtree(output)  # checked in __init__: it holds no input
         output.mkdir(parents=True, exist_ok=True)
-        (output / OPTIONS_FILE).write_text(json.dumps(options.to_json(), indent=2) + "\n", encoding="utf-8")
+        write_json(output / OPTIONS_FILE, options.to_json())
+        if self.continues_in_place:
+            _drop_log_records_after(output / LOG_FILE, self.step)  # steps after the checkpoint are run again
         if self.resume_state is not None:
             _set_rng_state(self.resume_state["rng"])
         else:
@@ -315,6 +365,7 @@ class Trainer:
         save_every = options.save_every or self.steps_per_epoch
         self.model.train()
         with (
+            self._stop_on_signals(),
             open(output / LOG_FILE, "a", encoding="utf-8") as log,
             tqdm(
                 total=self.total_steps, initial=self.step, unit="step", disable=not options.progress, dynamic_ncols=True
@@ -337,15 +388,56 @@ class Trainer:
                 bar.update()
                 bar.set_postfix(loss=f"{losses['loss']:.4f}")
                 last = self.step == self.total_steps
+                improved = False
                 if self.eval_questions and ((options.eval_every and self.step % options.eval_every == 0) or last):
                     scores = self.evaluate()
                     result.evaluations.append(scores)
                     _log(log, scores)
-                if self.step % save_every == 0 or last:
-                    self.save_checkpoint(output / f"{CHECKPOINT_PREFIX}{self.step}")
-        self._save_model(output)
+                    if self.best is None or scores["f1"] > self.best["f1"]:
+                        self.best, improved = {"step": self.step, "f1": scores["f1"]}, True
+                # With a limit on checkpoints, a new best evaluation is saved too, so the best one is kept.
+                keep_best = improved and options.save_total_limit is not None
+                stopping = self.stopped_by is not None and not last
+                if self.step % save_every == 0 or last or keep_best or stopping:
+                    result.checkpoint = self.save_checkpoint(output / f"{CHECKPOINT_PREFIX}{self.step}")
+                if stopping:
+                    result.stopped_by = self.stopped_by
+                    break
+        if result.stopped_by is None:
+            self._save_model(output)
         result.steps = self.step
         return result
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """While the block runs, SIGINT and SIGTERM ask the run to stop after the current step (the
+        loop saves a checkpoint then); a second one stops at once, as the signal would have. Python
+        delivers signals to the main thread only, so elsewhere nothing changes."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {number: signal.getsignal(number) for number in STOP_SIGNALS}
+
+        def request_stop(number: int, frame) -> None:
+            if self.stopped_by is not None:  # the second request: no more waiting
+                signal.signal(number, previous[number])
+                signal.raise_signal(number)
+                return
+            self.stopped_by = number
+            print(
+                f"distilqa: {signal.Signals(number).name}: stopping after step {self.step + 1} once a checkpoint "
+                "is saved (send it again to stop at once, unsaved)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        for number in STOP_SIGNALS:
+            signal.signal(number, request_stop)
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
     def _step_groups(self) -> Iterator[list[list[TrainingWindow]]]:
         """The batches of each remaining optimizer step, from ``self.step`` on."""
@@ -397,38 +489,83 @@ class Trainer:
         self.model.train()  # the answerer switched it to eval mode
         return {"step": self.step, "exact_match": round(scores.exact_match, 4), "f1": round(scores.f1, 4)}
 
-    def save_checkpoint(self, directory: Path) -> None:
-        """Model, tokenizer files and the training state, written under a temporary name then renamed."""
-        partial = directory.with_name(f".{directory.name}.partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        self._save_model(partial)
+    def save_checkpoint(self, directory: Path) -> Path:
+        """Model, tokenizer files, options and the training state in ``directory``, which appears whole
+        or not at all; then, with ``save_total_limit``, the checkpoints beyond it are removed."""
         state = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
             "rng": _get_rng_state(),
             "options": self.options.to_json(),
+            "best": self.best,
         }
-        torch.save(state, partial / STATE_FILE)
-        os.replace(partial, directory)
 
-    def _save_model(self, directory: Path) -> None:
-        """config.json, model.safetensors and the tokenizer files: a folder that answers questions."""
-        files = Path(directory).with_name(f".{Path(directory).name}.model.partial")
-        shutil.rmtree(files, ignore_errors=True)
-        self.model.save_pretrained(files)
+        def write(partial: Path) -> None:
+            self._write_model(partial)
+            write_json(partial / OPTIONS_FILE, self.options.to_json())
+            torch.save(state, partial / STATE_FILE)
+
+        atomic_write(directory, write)
+        if self.options.save_total_limit is not None:
+            self._remove_old_checkpoints(directory.parent)
+        return directory
+
+    def _remove_old_checkpoints(self, folder: Path) -> None:
+        """Keep the newest ``save_total_limit`` checkpoints of ``folder`` and the best evaluated one."""
+        steps = sorted(checkpoint_steps(folder))
+        keep = set(steps[-self.options.save_total_limit :])
+        if self.best is not None:
+            keep.add(self.best["step"])
+        for step in steps:
+            if step not in keep:
+                shutil.rmtree(folder / f"{CHECKPOINT_PREFIX}{step}")
+
+    def _write_model(self, directory: Path) -> None:
+        """config.json, model.safetensors and the tokenizer files into ``directory``: a model folder."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory)
         for name in TOKENIZER_FILES:
             if (self.tokenizer_dir / name).exists():
-                shutil.copyfile(self.tokenizer_dir / name, files / name)
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        for written in files.iterdir():
-            os.replace(written, Path(directory) / written.name)
-        files.rmdir()
+                shutil.copyfile(self.tokenizer_dir / name, directory / name)
+
+    def _save_model(self, output: Path) -> None:
+        """The final model's files into the output folder, each renamed into place once written whole."""
+        with tempfile.TemporaryDirectory(prefix=".final-model.", suffix=".partial", dir=output) as temporary:
+            self._write_model(Path(temporary))
+            for written in Path(temporary).iterdir():
+                os.replace(written, output / written.name)
 
 
 def train(options: TrainingOptions) -> TrainingResult:
     """Check everything, then train; see the module docstring for what is written where."""
     return Trainer(options).run()
+
+
+def checkpoint_steps(folder: str | os.PathLike) -> list[int]:
+    """The steps of the ``checkpoint-<step>`` folders in ``folder``."""
+    names = (path.name for path in Path(folder).glob(f"{CHECKPOINT_PREFIX}*") if path.is_dir())
+    return [int(step) for name in names if (step := name.removeprefix(CHECKPOINT_PREFIX)).isdigit()]
+
+
+def resumed_options(checkpoint: str | os.PathLike, **changes) -> TrainingOptions:
+    """The options of the run that wrote ``checkpoint`` (a ``checkpoint-<step>`` folder), to continue
+    it: ``resume`` set to the checkpoint, ``changes`` applied. Where to write (``output``), what to
+    evaluate and save, and the device may change; an option in :data:`FIXED_ON_RESUME` given with
+    another value than the run's is refused (ValueError naming it and what it decides)."""
+    checkpoint = Path(checkpoint)
+    saved = _saved_options(checkpoint)
+    names = TrainingOptions.__dataclass_fields__
+    if unknown := sorted(set(changes) - set(names)):
+        raise TypeError(f"unknown training options: {', '.join(unknown)}")
+    _refuse_changes(checkpoint, saved, changes)
+    values = {name: saved[name] for name in names if name in saved}  # an older run lacks newer options
+    values.update(changes, resume=checkpoint)
+    values["overwrite"] = changes.get("overwrite", False)  # only ever for the command that asks for it
+    for name in ("data", "eval_data", "output"):
+        if values.get(name) is not None:
+            values[name] = Path(values[name])
+    return TrainingOptions(**values)
 
 
 # --------------------------------------------------------------------------- #
@@ -438,13 +575,12 @@ def train(options: TrainingOptions) -> TrainingResult:
 
 def _checked(options: TrainingOptions) -> TrainingOptions:
     for name in ("epochs", "batch_size", "gradient_accumulation_steps", "max_seq_len"):
-        value = getattr(options, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        positive_int(name, getattr(options, name))
     for name in ("eval_every", "save_every", "doc_stride"):
-        value = getattr(options, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        at_least(name, getattr(options, name), 0)
+    for name in ("student_layers", "save_total_limit"):
+        if getattr(options, name) is not None:
+            positive_int(name, getattr(options, name))
     if options.doc_stride >= options.max_seq_len - 3:
         raise ValueError(f"doc_stride ({options.doc_stride}) must be smaller than max_seq_len - 3")
     if not options.learning_rate > 0 or options.weight_decay < 0 or not options.max_grad_norm > 0:
@@ -453,10 +589,7 @@ def _checked(options: TrainingOptions) -> TrainingOptions:
         raise ValueError(f"warmup_ratio and alpha must be in [0, 1], got {options.warmup_ratio}, {options.alpha}")
     if not options.temperature > 0:
         raise ValueError(f"temperature must be > 0, got {options.temperature}")
-    if options.student_layers is not None and options.student_layers < 1:
-        raise ValueError(f"student_layers must be a positive integer, got {options.student_layers}")
-    if options.dtype not in DTYPE_CHOICES:
-        raise ValueError(f"training dtype must be one of {', '.join(DTYPE_CHOICES)}, got {options.dtype!r}")
+    one_of("training dtype", options.dtype, DTYPE_CHOICES)
     return options
 
 
@@ -468,12 +601,48 @@ def _autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def _check_output(output: Path) -> None:
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise ValueError(
-            f"output folder {output} already exists and is not empty; training never overwrites a run: "
-            "choose a new --output (to continue a run, --resume its checkpoint into a new folder)"
+def _check_output(options: TrainingOptions, resumed_step: int | None) -> bool:
+    """Check the output folder before any work: new or empty, or the folder of the run being resumed
+    (its ``--resume`` checkpoint is inside it and no newer checkpoint is). Returns whether the run
+    continues in place."""
+    output = Path(options.output)
+    inputs = [options.data, options.eval_data, options.resume]
+    in_place = options.resume is not None and output.is_dir() and os.path.samefile(Path(options.resume).parent, output)
+    if in_place:
+        if newer := sorted(step for step in checkpoint_steps(output) if step > resumed_step):
+            raise OutputError(
+                f"--output {output} holds {CHECKPOINT_PREFIX}{newer[-1]}, newer than --resume {options.resume}: "
+                f"resume from the newest checkpoint, or into a new --output folder"
+            )
+        inputs.remove(options.resume)
+    elif options.overwrite and output.is_dir():
+        if options.resume is not None and Path(options.resume).absolute().is_relative_to(output.absolute()):
+            raise OutputError(
+                f"--overwrite would delete --resume {options.resume}: to continue that run, leave out --overwrite"
+            )
+        if inside := [path for path in inputs if path is not None and _is_inside(path, output)]:
+            raise OutputError(f"--overwrite would delete {inside[0]}, an input inside --output {output}")
+    elif output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise OutputError(
+            f"--output {output} already exists and is not empty; training never overwrites a run: choose a new "
+            f"--output, or continue that run with --resume {output / (CHECKPOINT_PREFIX + '<step>')} --output {output}"
         )
+    check_output(output, overwrite=True, inputs=[path for path in inputs if path is not None], directory=True)
+    return in_place
+
+
+def _is_inside(path: str | os.PathLike, folder: Path) -> bool:
+    return Path(path).resolve().is_relative_to(folder.resolve())
+
+
+def _drop_log_records_after(log: Path, step: int) -> None:
+    """Remove the log's records of steps after ``step`` (run again by a resumed run), atomically."""
+    if not log.exists():
+        return
+    lines = log.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        write_text(log, "".join(kept))
 
 
 def _tokenizer_dir(directory: Path) -> Path:
@@ -491,19 +660,60 @@ def _check_same_vocabulary(student: QuestionContextTokenizer, teacher: QuestionC
         raise ValueError("the teacher's tokenizer differs from the student's: distillation needs the same vocabulary")
 
 
-def _read_resume_state(options: TrainingOptions) -> dict:
-    directory = Path(options.resume)
+def _check_checkpoint(directory: Path) -> None:
     if not (directory / STATE_FILE).exists():
         raise FileNotFoundError(
             f"--resume {directory}: no {STATE_FILE} there; pass a {CHECKPOINT_PREFIX}<step> folder written by training"
         )
+
+
+def _saved_options(directory: Path) -> dict:
+    """The options saved with a checkpoint: its options file, else (older checkpoints) its training state."""
+    _check_checkpoint(directory)
+    if (directory / OPTIONS_FILE).exists():
+        return json.loads((directory / OPTIONS_FILE).read_text(encoding="utf-8"))
+    return torch.load(directory / STATE_FILE, weights_only=True)["options"]
+
+
+def _read_resume_state(options: TrainingOptions) -> dict:
+    directory = Path(options.resume)
+    _check_checkpoint(directory)
     # weights_only: tensors, numbers and dicts only, never arbitrary pickled objects.
     state = torch.load(directory / STATE_FILE, weights_only=True)
-    ours = options.to_json()
-    if changed := [name for name in SCHEDULE_OPTIONS if state["options"].get(name) != ours[name]]:
-        details = ", ".join(f"{name} was {state['options'].get(name)!r}, now {ours[name]!r}" for name in changed)
-        raise ValueError(f"--resume {directory}: the run used other options ({details}); use the same ones")
+    _refuse_changes(directory, state["options"], {name: getattr(options, name) for name in FIXED_ON_RESUME})
     return state
+
+
+def _refuse_changes(checkpoint: Path, saved: dict, given: dict) -> None:
+    """ValueError naming each option of ``given`` that differs from the run's and what it decides."""
+    changed = [name for name in FIXED_ON_RESUME if name in given and not _same_option(saved.get(name), given[name])]
+    if changed:
+        details = "; ".join(
+            f"--{name.replace('_', '-')} was {saved.get(name)!r} in that run, now {_shown(given[name])!r}: "
+            f"it decides {FIXED_ON_RESUME[name]}"
+            for name in changed
+        )
+        raise ValueError(
+            f"--resume {checkpoint}: {details}. A resumed run keeps these; leave them out, or start a new run"
+        )
+
+
+def _same_option(saved, given) -> bool:
+    """Equal values; paths (and repo ids) are equal when they name the same place."""
+    if saved is None or given is None or isinstance(given, (bool, int, float)):
+        return saved == given
+    return _absolute(saved) == _absolute(given)
+
+
+def _absolute(value):
+    """A path's absolute form as a string; a hub repo id, None or another value unchanged."""
+    if isinstance(value, Path) or (isinstance(value, str) and os.path.exists(value)):
+        return os.path.abspath(value)
+    return value
+
+
+def _shown(value):
+    return str(value) if isinstance(value, Path) else value
 
 
 def _get_rng_state() -> dict[str, Tensor | list[Tensor]]:

@@ -48,11 +48,11 @@ PUBLISHED_CONFIG = dict(
 
 def save_reference_checkpoint(directory: Path, seed: int = 0, span_head_sharpness: float = 0.0, **overrides) -> Path:
     """A random transformers checkpoint (safetensors) at the published configuration with ``overrides``;
-    ``span_head_sharpness`` > 0 sharpens its span head (see distilqa.parity.save_reference_checkpoint).
+    ``span_head_sharpness`` > 0 sharpens its span head (see distilqa.testing.save_reference_checkpoint).
     Skips the calling test when transformers is not installed."""
     pytest.importorskip("transformers")
     from distilqa import DistilBertConfig
-    from distilqa.parity import save_reference_checkpoint as save
+    from distilqa.testing import save_reference_checkpoint as save
 
     config = DistilBertConfig(**{**PUBLISHED_CONFIG, **overrides})
     return save(directory, config, seed, span_head_sharpness=span_head_sharpness)
@@ -139,7 +139,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 # A trained model's best span has probability ~0.1-0.9; random weights give ~1e-4 (the start and end
 # logits are nearly flat and uncorrelated). This sharpness gives a best span of probability 0.012 to
 # 0.73 (median 0.29) on the 544 SQuAD pairs of test_pipeline_parity, measured; see
-# distilqa.parity.save_reference_checkpoint.
+# distilqa.testing.save_reference_checkpoint.
 PEAKED_SPAN_HEAD = 20.0
 
 

@@ -23,7 +23,7 @@ from conftest import save_reference_checkpoint
 
 import distilqa
 from distilqa import DistilBertConfig, DistilBertForQuestionAnswering
-from distilqa.parity import sample_inputs
+from distilqa.testing import random_inputs, sample_inputs
 
 SDPA_TOLERANCE = 1e-5
 MODEL_PY = Path(distilqa.__file__).with_name("model.py")
@@ -101,14 +101,8 @@ def max_diff_at_real_positions(mine, theirs, attention_mask) -> float:
 
 def batch_of_length(length: int, seed: int = 0):
     """Two rows of ``length`` positions, the second padded to half its length (one row if length 1)."""
-    generator = torch.Generator().manual_seed(seed)
-    rows = 1 if length == 1 else 2
-    input_ids = torch.randint(1000, 28996, (rows, length), generator=generator)
-    input_ids[:, 0] = 101
-    attention_mask = torch.ones_like(input_ids)
-    if rows == 2:
-        attention_mask[1, (length + 1) // 2 :] = 0
-    return input_ids * attention_mask, attention_mask
+    lengths = [length] if length == 1 else [length, (length + 1) // 2]
+    return random_inputs(28996, lengths, seed=seed)
 
 
 # -- the published configuration ----------------------------------------------------------------

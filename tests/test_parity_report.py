@@ -10,13 +10,8 @@ import torch
 from conftest import save_reference_checkpoint
 
 from distilqa import DistilBertForQuestionAnswering
-from distilqa.parity import (
-    ParityReport,
-    ParityRow,
-    compare_models,
-    sample_inputs,
-    verify_checkpoint,
-)
+from distilqa.parity import ParityReport, ParityRow, compare_models, verify_checkpoint
+from distilqa.testing import sample_inputs
 
 TINY = dict(vocab_size=1000, dim=32, n_layers=3, n_heads=4, hidden_dim=64, max_position_embeddings=64)
 
