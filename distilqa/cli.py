@@ -523,6 +523,7 @@ def run_explain(args: argparse.Namespace) -> int:
         args.context,
         output,
         label=str(args.model),
+        overwrite=args.overwrite,
         head=parse_head(args.head),
         max_answer_len=args.max_answer_len,
     )

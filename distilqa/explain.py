@@ -9,8 +9,11 @@ every number it will draw, as plain JSON-able data:
 - the attention weights of every layer and head from ``[CLS]`` and the question's tokens to the
   context's tokens (``output_attentions``), and one selected head in full;
 - a "logit lens" on question answering: the model's own span head (``dropout``, ``qa_outputs``)
-  applied to the hidden state after the embeddings and after each block (``output_hidden_states``),
-  and the rank of the chosen answer span among all spans at each depth.
+  applied to the hidden state after the embeddings and after each block (``output_hidden_states``).
+  At each depth it reports what the pipeline would answer from there and the rank of the final
+  answer among those answers, decoded exactly as the pipeline decodes (the same candidates per
+  window, widened to words, equal texts summed over windows), so that at the last block the answer
+  ranks first; and, before any merging, the rank of the chosen token span among all spans.
 
 ``write_explanation`` draws them (matplotlib, the ``explain`` extra) and writes into one folder:
 ``probabilities.png``, ``attention_grid.png``, ``attention_head.png``, ``logit_lens.png``,
@@ -23,6 +26,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,9 +36,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distilqa.pipeline import EXCLUDED_LOGIT, QuestionAnswerer, decode_spans
+from distilqa.files import atomic_write, check_output
+from distilqa.options import DEFAULT_OPTIONS
+from distilqa.pipeline import (
+    EXCLUDED_LOGIT,
+    QuestionAnswerer,
+    _characters,
+    decode_spans,
+    merge_answers,
+)
+from distilqa.plotting import require_matplotlib
 
-INSTALL_HINT = 'pip install "distilqa[explain]"  (or: pip install matplotlib)'
 DPI = 100
 # Figure sizes in inches at DPI dots per inch; PNGs are saved without "tight" cropping, so each file
 # is exactly this size times DPI pixels.
@@ -54,28 +66,14 @@ class ExplainResult:
     files: dict[str, Path]  # name -> written file
 
 
-def require_matplotlib():
-    """matplotlib.pyplot on the non-interactive Agg backend, or an ImportError saying what to install."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise ImportError(
-            f"distilqa explain draws its pictures with matplotlib, which is not installed: {INSTALL_HINT}"
-        ) from None
-    matplotlib.use("Agg")  # files only: never open a window, work without a display
-    import matplotlib.pyplot as pyplot
-
-    return pyplot
-
-
 @torch.inference_mode()
 def explain(
     answerer: QuestionAnswerer,
     question: str,
     context: str,
-    max_answer_len: int = 15,
-    max_seq_len: int | None = None,
-    doc_stride: int | None = None,
+    max_answer_len: int = DEFAULT_OPTIONS.max_answer_len,
+    max_seq_len: int | None = DEFAULT_OPTIONS.max_seq_len,
+    doc_stride: int | None = DEFAULT_OPTIONS.doc_stride,
     head: tuple[int, int] | None = None,
 ) -> dict:
     """Everything ``write_explanation`` draws, for one question about one context.
@@ -99,12 +97,14 @@ def explain(
     answer = answerer(question, context, max_answer_len=max_answer_len, max_seq_len=max_seq_len, doc_stride=doc_stride)
     encodings = answerer.tokenizer.encode_windows([question], [context], max_seq_len, doc_stride)[0]
     cls_id = answerer.tokenizer.cls_token_id
-    candidates_per_window = 12  # the pipeline's 2 * top_k + 10 for top_k = 1 with word alignment
+    candidates_per_window = DEFAULT_OPTIONS.candidates_per_window  # the pipeline's, for top_k = 1
 
     best = None  # (score, window index, start token, end token, model output)
+    hidden_states = []  # per window: the hidden state after the embeddings and each block, (1, seq, dim) each
     for index, encoding in enumerate(encodings):
         ids = torch.tensor([encoding.ids], device=model.device)  # (1, seq)
         output = model(ids, output_hidden_states=True, output_attentions=True)
+        hidden_states.append(output.hidden_states)
         allowed = _allowed(encoding, cls_id)  # (seq,)
         start_logits, end_logits = output.start_logits.float().cpu(), output.end_logits.float().cpu()  # (1, seq)
         spans, _ = decode_spans(start_logits, end_logits, allowed[None], max_answer_len, candidates_per_window)[0]
@@ -177,7 +177,10 @@ def explain(
             "reason": reason,
             "weights": attentions[layer_index, head_index].tolist(),
         },
-        "logit_lens": _logit_lens(model, output.hidden_states, allowed, start, end, max_answer_len),
+        "logit_lens": {
+            **_logit_lens(model, output.hidden_states, allowed, start, end, max_answer_len),
+            **_answer_lens(model, context, encodings, hidden_states, answer, max_answer_len, cls_id),
+        },
     }
 
 
@@ -244,63 +247,100 @@ def _logit_lens(
     }
 
 
+def _answer_lens(
+    model, context: str, encodings: list, hidden_states: list, answer: dict, max_answer_len: int, cls_id: int
+) -> dict:
+    """At each depth, the pipeline's decoding of the span head's logits over every window: the answer
+    it would give (``stage_answer``, ``stage_score``), and the final answer's rank and merged score
+    there (None where it is not among the candidates). ``hidden_states``: per window, per depth,
+    (1, seq, dim)."""
+    # The pipeline's order of windows (longest first, stable), in which it gathers and merges candidates.
+    order = sorted(range(len(encodings)), key=lambda w: -len(encodings[w].ids))
+    text = answer["answer"].lower()
+    stage_answers, stage_scores, answer_ranks, answer_scores = [], [], [], []
+    for depth in range(len(hidden_states[0])):
+        candidates = []
+        for w in order:
+            logits = model.qa_outputs(model.dropout(hidden_states[w][depth])).float().cpu()  # (1, seq, 2)
+            allowed = _allowed(encodings[w], cls_id)[None]  # (1, seq)
+            spans, _ = decode_spans(*logits.unbind(-1), allowed, max_answer_len, DEFAULT_OPTIONS.candidates_per_window)[
+                0
+            ]
+            align = DEFAULT_OPTIONS.align_to_words
+            candidates.extend((score, *_characters(encodings[w], s, e, align)) for score, s, e in spans)
+        ranked = merge_answers(context, candidates, None, top_k=len(candidates) + 1)
+        texts = [item["answer"].lower() for item in ranked]
+        rank = texts.index(text) + 1 if text in texts else None
+        stage_answers.append(ranked[0]["answer"])
+        stage_scores.append(ranked[0]["score"])
+        answer_ranks.append(rank)
+        answer_scores.append(None if rank is None else ranked[rank - 1]["score"])
+    return {
+        "stage_answer": stage_answers,
+        "stage_score": stage_scores,
+        "answer_rank": answer_ranks,
+        "answer_score": answer_scores,
+        "candidates_per_window": DEFAULT_OPTIONS.candidates_per_window,
+    }
+
+
 def write_explanation(
     answerer: QuestionAnswerer,
     question: str,
     context: str,
     out_dir: str | os.PathLike,
     label: str = "",
+    overwrite: bool = False,
+    option: str = "--output",
     **options,
 ) -> ExplainResult:
     """Explain one answer (see :func:`explain`, which takes ``options``) and write the pictures, the
-    JSON sidecars and the HTML page into ``out_dir``. ``label`` is printed on every picture (the
-    model's name, "random weights", ...). Each file is written under a temporary name and renamed."""
-    pyplot = require_matplotlib()
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {out_dir} is a file; name a folder")
+    JSON sidecars and the HTML page into the folder ``out_dir``. ``label`` is printed on every picture
+    (the model's name, "random weights", ...). The output policy of :mod:`distilqa.files`: an existing
+    ``out_dir`` is refused unless ``overwrite`` (then replaced whole), checked before any work, and the
+    folder appears complete or not at all. ``option`` names ``out_dir`` in messages."""
+    pyplot = require_matplotlib("distilqa explain")
+    out_dir = check_output(out_dir, overwrite=overwrite, directory=True, option=option)
     explanation = explain(answerer, question, context, **options)
     explanation["label"] = label
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files: dict[str, Path] = {}
-    explanation["figures"] = {}
-    for name, draw in (
-        ("probabilities", _draw_probabilities),
-        ("attention_grid", _draw_attention_grid),
-        ("attention_head", _draw_attention_head),
-        ("logit_lens", _draw_logit_lens),
-    ):
-        figure = pyplot.figure(figsize=FIGURE_SIZES[name], dpi=DPI)
-        try:
-            draw(figure, explanation)
-            if label:
-                figure.text(0.995, 0.005, label, ha="right", va="bottom", fontsize=9, color="#b00000")
-            path = out_dir / f"{name}.png"
-            _write_atomic(path, lambda partial, figure=figure: figure.savefig(partial, format="png", dpi=DPI))
-        finally:
-            pyplot.close(figure)
-        files[name] = path
-        width, height = FIGURE_SIZES[name]
-        explanation["figures"][name] = {"file": path.name, "width": round(width * DPI), "height": round(height * DPI)}
-    lens = {"label": label, "answer": explanation["answer"], "span": explanation["span"], **explanation["logit_lens"]}
-    files["logit_lens_json"] = _write_text(out_dir / "logit_lens.json", json.dumps(lens, indent=1))
-    files["json"] = _write_text(out_dir / "explanation.json", json.dumps(explanation))
-    files["html"] = _write_text(out_dir / "explanation.html", _html(explanation, {k: files[k] for k in FIGURE_SIZES}))
+    explanation["figures"] = {
+        name: {"file": f"{name}.png", "width": round(width * DPI), "height": round(height * DPI)}
+        for name, (width, height) in FIGURE_SIZES.items()
+    }
+    drawings = {
+        "probabilities": _draw_probabilities,
+        "attention_grid": _draw_attention_grid,
+        "attention_head": _draw_attention_head,
+        "logit_lens": _draw_logit_lens,
+    }
+
+    def write_folder(folder: Path) -> None:
+        folder.mkdir()
+        for name, draw in drawings.items():
+            figure = pyplot.figure(figsize=FIGURE_SIZES[name], dpi=DPI)
+            try:
+                draw(figure, explanation)
+                if label:
+                    figure.text(0.995, 0.005, label, ha="right", va="bottom", fontsize=9, color="#b00000")
+                figure.savefig(folder / f"{name}.png", format="png", dpi=DPI)
+            finally:
+                pyplot.close(figure)
+        lens = {"label": label, "answer": explanation["answer"], "span": explanation["span"]}
+        (folder / "logit_lens.json").write_text(
+            json.dumps({**lens, **explanation["logit_lens"]}, indent=1), encoding="utf-8"
+        )
+        (folder / "explanation.json").write_text(json.dumps(explanation), encoding="utf-8")
+        page = _html(explanation, {name: folder / f"{name}.png" for name in drawings})
+        (folder / "explanation.html").write_text(page, encoding="utf-8")
+
+    atomic_write(out_dir, write_folder)  # the folder appears whole: pictures, sidecars and page together
+    files = {name: out_dir / f"{name}.png" for name in drawings}
+    files.update(
+        logit_lens_json=out_dir / "logit_lens.json",
+        json=out_dir / "explanation.json",
+        html=out_dir / "explanation.html",
+    )
     return ExplainResult(explanation, files)
-
-
-def _write_atomic(path: Path, write) -> None:
-    partial = path.with_name(path.name + ".partial")
-    try:
-        write(partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
-def _write_text(path: Path, text: str) -> Path:
-    _write_atomic(path, lambda partial: partial.write_text(text, encoding="utf-8"))
-    return path
 
 
 def _token_labels(explanation: dict, indices: Sequence[int]) -> list[str]:
@@ -315,8 +355,12 @@ def _label_size(count: int, room: float = 900.0) -> float:
 def _title(explanation: dict) -> str:
     answer = explanation["answer"]
     window = explanation["window"]
-    where = f", window {window['index'] + 1} of {window['count']}" if window["count"] > 1 else ""
-    return f"Q: {explanation['question']}   A: {answer['answer']!r} (score {answer['score']:.3f}{where})"
+    where = f"; window {window['index'] + 1} of {window['count']}" if window["count"] > 1 else ""
+    return (
+        f"Q: {explanation['question']}   A: {answer['answer']!r}: score {answer['score']:.3g} (the pipeline's: "
+        f"p_start × p_end summed over the spans that give this text in every window; this span's own "
+        f"{explanation['span']['score']:.3g}{where})"
+    )
 
 
 def _draw_probabilities(figure, explanation: dict) -> None:
@@ -344,16 +388,37 @@ def _draw_probabilities(figure, explanation: dict) -> None:
     figure.subplots_adjust(left=0.06, right=0.99, top=0.88, bottom=0.2, hspace=0.08)
 
 
+def thinned(count: int, room_points: float, size: float, keep: Sequence[int] = ()) -> list[int]:
+    """Indices of ``count`` labels of font ``size`` that fit side by side in ``room_points`` without
+    colliding: evenly spaced, plus every index of ``keep``, dropping the spaced ones too near those."""
+    step = max(1, math.ceil(count * size * 1.2 / max(room_points, 1.0)))
+    kept = set(keep)
+    chosen = [i for i in range(0, count, step) if all(abs(i - k) >= step for k in kept)]
+    return sorted(kept.union(chosen))
+
+
 def _draw_attention_grid(figure, explanation: dict) -> None:
-    """A layer x head grid: rows are [CLS] and the question's tokens, columns the context's tokens."""
+    """A layer x head grid: rows are [CLS] and the question's tokens, columns the context's tokens,
+    labelled on the outer cells (the context thinned to fit, the span's tokens always), one colour bar."""
     weights = explanation["attention"]["weights"]  # [layer][head] -> (queries, context) lists, None if pruned
     layers, heads = len(weights), len(weights[0])
     selected = (explanation["selected_head"]["layer"], explanation["selected_head"]["head"])
     keys = explanation["attention"]["keys"]
+    queries = explanation["attention"]["queries"]
     span = explanation["span"]
     span_columns = [c for c, i in enumerate(keys) if span["start_token"] <= i <= span["end_token"]]
     axes = figure.subplots(layers, heads, squeeze=False)
+    figure.subplots_adjust(left=0.07, right=0.93, top=0.9, bottom=0.1, wspace=0.06, hspace=0.1)
     vmax = max(max(map(max, cell)) for row in weights for cell in row if cell is not None)
+    # Room of one cell in points, to thin the labels: the figure's size times the subplot fractions.
+    width, height = FIGURE_SIZES["attention_grid"]
+    cell_width = 72 * width * 0.86 / heads / 1.06
+    cell_height = 72 * height * 0.8 / layers / 1.1
+    row_size = max(3.0, min(6.0, cell_height / max(len(queries), 1) / 1.2))
+    column_size = 4.5
+    rows = thinned(len(queries), cell_height, row_size)
+    columns = thinned(len(keys), cell_width, column_size, keep=span_columns)
+    image = None
     for layer in range(layers):
         for head in range(heads):
             ax = axes[layer][head]
@@ -361,7 +426,7 @@ def _draw_attention_grid(figure, explanation: dict) -> None:
             if cell is None:
                 ax.text(0.5, 0.5, "pruned", ha="center", va="center", fontsize=8, color="gray", transform=ax.transAxes)
             else:
-                ax.imshow(cell, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+                image = ax.imshow(cell, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if span_columns and cell is not None:  # the chosen span's columns, marked under each map
@@ -374,12 +439,26 @@ def _draw_attention_grid(figure, explanation: dict) -> None:
                 ax.set_title(f"head {head}", fontsize=8)
             if head == 0:
                 ax.set_ylabel(f"layer {layer}", fontsize=8)
+                ax.set_yticks(rows)
+                ax.set_yticklabels([explanation["window"]["tokens"][queries[r]] for r in rows], fontsize=row_size)
+            if layer == layers - 1:
+                ax.set_xticks(columns)
+                ax.set_xticklabels(
+                    [explanation["window"]["tokens"][keys[c]] for c in columns], rotation=90, fontsize=column_size
+                )
+                for tick, c in zip(ax.get_xticklabels(), columns):
+                    if c in span_columns:
+                        tick.set_color(ANSWER_COLOR)
+            ax.tick_params(length=1.5, pad=1)
+    if image is not None:
+        bar = figure.colorbar(image, cax=figure.add_axes((0.945, 0.1, 0.012, 0.8)), format="%.2g")
+        bar.set_label("attention weight", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
     figure.suptitle(
         f"{_title(explanation)}\nattention from [CLS] and the question's tokens (rows) to the context's tokens "
-        f"(columns); one colour scale, 0 to {vmax:.3g}; orange: the chosen span; red frame: the head drawn in full",
+        f"(columns, thinned to fit; the span's in orange); red frame: the head drawn in full",
         fontsize=10,
     )
-    figure.subplots_adjust(left=0.04, right=0.99, top=0.88, bottom=0.03, wspace=0.08, hspace=0.12)
 
 
 def _draw_attention_head(figure, explanation: dict) -> None:
@@ -411,18 +490,34 @@ def _draw_attention_head(figure, explanation: dict) -> None:
 
 
 def _draw_logit_lens(figure, explanation: dict) -> None:
-    """The chosen span's rank (and its start's and end's) when the span head reads each depth."""
+    """Ranks when the span head reads each depth: the answer's, decoded as the pipeline decodes, and,
+    before any merging, the chosen token span's and its start's and end's."""
     lens = explanation["logit_lens"]
     depths = range(len(lens["layers"]))
     ax = figure.add_subplot(1, 1, 1)
-    span_ranks = [float("nan") if rank is None else rank for rank in lens["span_rank"]]
-    ax.plot(depths, span_ranks, "o-", color=ANSWER_COLOR, label="chosen span (p_start * p_end)", linewidth=2)
+
+    def ranks(values: list) -> list[float]:
+        return [float("nan") if rank is None else rank for rank in values]
+
+    answer_label = (
+        f"the answer among the answers the pipeline would give ({lens['candidates_per_window']} spans per "
+        "window, widened to words, equal texts summed)"
+    )
+    ax.plot(depths, ranks(lens["answer_rank"]), "o-", color=ANSWER_COLOR, label=answer_label, linewidth=2.5)
+    ax.plot(
+        depths,
+        ranks(lens["span_rank"]),
+        "D-",
+        color="#756bb1",
+        label=f"the chosen token span among all {lens['spans_ranked']} spans (p_start × p_end, not merged)",
+    )
     ax.plot(depths, lens["start_rank"], "s--", color=OTHER_COLOR, label="its start token (p_start)")
     ax.plot(depths, lens["end_rank"], "^--", color="#31a354", label="its end token (p_end)")
-    ranks = [rank for rank in span_ranks + lens["start_rank"] + lens["end_rank"] if rank == rank]  # no NaN
+    everything = ranks(lens["answer_rank"]) + ranks(lens["span_rank"]) + lens["start_rank"] + lens["end_rank"]
+    worst = max(rank for rank in everything if rank == rank)  # no NaN
     ax.set_yscale("log")
-    ax.set_ylim(max(ranks) * 1.5, 0.8)  # rank 1 at the top
-    ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000) if t <= max(ranks) * 1.5]
+    ax.set_ylim(worst * 1.5, 0.8)  # rank 1 at the top
+    ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000) if t <= worst * 1.5]
     ax.set_yticks(ticks)
     ax.set_yticklabels([str(t) for t in ticks])
     ax.minorticks_off()
@@ -430,13 +525,29 @@ def _draw_logit_lens(figure, explanation: dict) -> None:
     ax.set_xticklabels(lens["layers"], fontsize=9)
     ax.set_ylabel("rank (1 = best)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=9, loc="lower right")
+    for depth, (rank, text) in enumerate(zip(lens["answer_rank"], lens["stage_answer"])):
+        if rank != 1:  # say what that stage would answer instead
+            ax.annotate(
+                f"would answer {_short(text)!r}",
+                (depth, 1),
+                xytext=(0, -14),
+                textcoords="offset points",
+                ha="center",
+                fontsize=7,
+                color="#555",
+                rotation=0,
+            )
+    ax.legend(fontsize=8, loc="lower left")
     figure.suptitle(
         f"{_title(explanation)}\nlogit lens: the span head applied to the hidden state after each stage; "
-        f"rank among {lens['spans_ranked']} spans / the context's tokens",
-        fontsize=10,
+        "missing points: not among the pipeline's candidates",
+        fontsize=9,
     )
-    figure.subplots_adjust(left=0.1, right=0.97, top=0.85, bottom=0.1)
+    figure.subplots_adjust(left=0.08, right=0.98, top=0.85, bottom=0.08)
+
+
+def _short(text: str, length: int = 18) -> str:
+    return text if len(text) <= length else text[: length - 1] + "…"
 
 
 def _html(explanation: dict, images: dict[str, Path]) -> str:

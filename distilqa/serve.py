@@ -1,13 +1,21 @@
-"""An HTTP question-answering service with dynamic batching (FastAPI + uvicorn, the ``serve`` extra).
+"""An HTTP question-answering service with dynamic batching, a page to try it, and metrics (FastAPI +
+uvicorn + prometheus-client, the ``serve`` extra).
 
-Requests and responses have the shape of the Hugging Face Hub's question-answering task::
+Routes:
 
-    POST /  (or /v1/question-answering)
+- ``POST /`` (or ``/v1/question-answering``): the Hugging Face Hub's question-answering task::
+
     {"inputs": {"question": "...", "context": "..."},          one pair, or a list of such objects
      "parameters": {"top_k": 1, "max_answer_len": 15, "max_seq_len": null, "doc_stride": null,
                     "handle_impossible_answer": false, "align_to_words": true}}        all optional
     -> {"answer": "...", "score": 0.97, "start": 27, "end": 32}
        (a list of top_k of them when top_k > 1; a list per pair when "inputs" is a list)
+
+- ``GET /``: a page to ask questions and look inside the answer (``distilqa/web/``); ``GET /examples``
+  the SQuAD contexts it offers (see :mod:`distilqa.web`).
+- ``POST /explain`` ``{"question", "context", "head": [layer, head] (optional), "max_answer_len"
+  (optional)}``: the numbers of :func:`distilqa.explain.explain` for one pair, as JSON.
+- ``GET /health``, ``GET /info``, ``GET /metrics`` (Prometheus text format, :mod:`distilqa.metrics`).
 
 Dynamic batching: requests wait in a queue; the batcher takes the first, gathers more until it has
 ``max_batch`` pairs or ``max_wait_ms`` have passed, and answers them in one batched
@@ -15,11 +23,15 @@ Dynamic batching: requests wait in a queue; the batcher takes the first, gathers
 thread, so the event loop keeps accepting requests meanwhile. If a batched call fails, each
 request of it is answered alone, so one request's bad input never fails another's.
 
-Every refusal is a JSON ``{"error": "..."}`` naming the field or the limit: 400 unreadable JSON,
-413 a body over ``max_body_bytes``, 422 a wrong shape, type or value (including more than
-``max_pairs`` pairs or a context over ``max_context_chars`` characters), 503 when ``max_queue_pairs``
-pairs are already waiting, or while shutting down. On SIGINT/SIGTERM uvicorn stops accepting
-connections and the requests already received are answered before the process exits.
+Every error, whatever the route, is a JSON ``{"error": "..."}`` that names the field or the limit: 400
+unreadable JSON, 404 an unknown path, 405 a wrong method, 413 a body over ``max_body_bytes``, 422 a
+wrong shape, type or value (including more than ``max_pairs`` pairs or a context over
+``max_context_chars`` characters), 503 when ``max_queue_pairs`` pairs are already waiting, or while
+stopping.
+
+Stopping (:func:`serve`): on SIGINT or SIGTERM the service keeps its port but answers every new request
+with 503, finishes the requests in flight (for at most ``drain_timeout_s`` seconds; those still
+unanswered then get a 503), and returns. A second SIGINT stops at once.
 """
 
 from __future__ import annotations
@@ -27,11 +39,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import json
 import math
-import threading
+import signal
+import socket
+import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -39,25 +54,33 @@ from typing import Any
 try:
     import uvicorn
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException
 except ImportError as error:  # an optional extra: say how to get it
     raise ImportError(
         f"distilqa serve needs FastAPI and uvicorn ({error.name} is missing): pip install 'distilqa[serve]'"
     ) from None
 
+from distilqa import web
+from distilqa.explain import explain
+from distilqa.metrics import ServiceMetrics
+from distilqa.options import DEFAULT_OPTIONS
 from distilqa.pipeline import PairError, QuestionAnswerer
+from distilqa.validate import positive_int, positive_number
 
 ROUTES = ("/", "/v1/question-answering")
 # The pipeline's parameters: name -> (default, smallest value); None means "the pipeline's default".
 PARAMETERS: dict[str, tuple[Any, int | None]] = {
-    "top_k": (1, 1),
-    "max_answer_len": (15, 1),
-    "max_seq_len": (None, 4),
-    "doc_stride": (None, 0),
-    "handle_impossible_answer": (False, None),
-    "align_to_words": (True, None),
+    "top_k": (DEFAULT_OPTIONS.top_k, 1),
+    "max_answer_len": (DEFAULT_OPTIONS.max_answer_len, 1),
+    "max_seq_len": (DEFAULT_OPTIONS.max_seq_len, 4),
+    "doc_stride": (DEFAULT_OPTIONS.doc_stride, 0),
+    "handle_impossible_answer": (DEFAULT_OPTIONS.handle_impossible_answer, None),
+    "align_to_words": (DEFAULT_OPTIONS.align_to_words, None),
 }
 MAX_TOP_K = 100  # bounds the size of a response
+AUTO = "auto"  # create_app(examples=AUTO): look for the SQuAD dev set where distilqa.web says
 
 
 @dataclass(frozen=True)
@@ -72,17 +95,17 @@ class ServerLimits:
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            positive_int(name, value)
 
 
 class RequestError(Exception):
     """A request the service refuses: HTTP status and a message that says what to change."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
 @dataclass
@@ -133,21 +156,56 @@ def parse_request(body: bytes, limits: ServerLimits) -> tuple[list[str], list[st
         where = "inputs" if single else f"inputs[{index}]"
         if not isinstance(pair, dict):
             raise RequestError(422, f"{where} must be an object with 'question' and 'context', got {_json_type(pair)}")
-        for name, limit in (("question", limits.max_question_chars), ("context", limits.max_context_chars)):
-            if name not in pair:
-                raise RequestError(422, f"missing field '{where}.{name}'")
-            text = pair[name]
-            if not isinstance(text, str):
-                raise RequestError(422, f"'{where}.{name}' must be a string, got {_json_type(text)}")
-            if not text.strip():
-                raise RequestError(422, f"'{where}.{name}' is empty or only whitespace")
-            if len(text) > limit:
-                raise RequestError(422, f"'{where}.{name}' has {len(text)} characters, more than the limit of {limit}")
+        check_texts(pair, limits, f"{where}.")
         if extra := sorted(set(pair) - {"question", "context"}):
             raise RequestError(422, f"unknown field(s) in {where}: {', '.join(extra)}")
         questions.append(pair["question"])
         contexts.append(pair["context"])
     return questions, contexts, single, parse_parameters(payload.get("parameters"))
+
+
+def check_texts(pair: dict, limits: ServerLimits, prefix: str = "") -> None:
+    """``pair["question"]`` and ``pair["context"]`` are non-blank strings within the limits, or a 422
+    naming ``prefix + field``."""
+    for name, limit in (("question", limits.max_question_chars), ("context", limits.max_context_chars)):
+        if name not in pair:
+            raise RequestError(422, f"missing field '{prefix}{name}'")
+        text = pair[name]
+        if not isinstance(text, str):
+            raise RequestError(422, f"'{prefix}{name}' must be a string, got {_json_type(text)}")
+        if not text.strip():
+            raise RequestError(422, f"'{prefix}{name}' is empty or only whitespace")
+        if len(text) > limit:
+            raise RequestError(422, f"'{prefix}{name}' has {len(text)} characters, more than the limit of {limit}")
+
+
+def parse_explain_request(body: bytes, limits: ServerLimits) -> tuple[str, str, dict[str, Any]]:
+    """A ``POST /explain`` body ``{"question", "context", "head": [layer, head], "max_answer_len"}``
+    (the last two optional) -> (question, context, keyword arguments of explain)."""
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RequestError(400, f"the body is not valid JSON ({error})") from None
+    if not isinstance(payload, dict):
+        raise RequestError(
+            422, f"the body must be a JSON object with 'question' and 'context', got {_json_type(payload)}"
+        )
+    if unknown := sorted(set(payload) - {"question", "context", "head", "max_answer_len"}):
+        raise RequestError(
+            422, f"unknown field(s) {', '.join(unknown)}; expected question, context, head, max_answer_len"
+        )
+    check_texts(payload, limits)
+    options: dict[str, Any] = {}
+    head = payload.get("head")
+    if head is not None:
+        if not (isinstance(head, list) and len(head) == 2 and all(type(v) is int and v >= 0 for v in head)):
+            raise RequestError(422, f"'head' must be [layer, head], two integers >= 0, got {json.dumps(head)}")
+        options["head"] = tuple(head)
+    max_answer_len = payload.get("max_answer_len", DEFAULT_OPTIONS.max_answer_len)
+    if type(max_answer_len) is not int or max_answer_len < 1:
+        raise RequestError(422, f"'max_answer_len' must be an integer >= 1, got {json.dumps(max_answer_len)}")
+    options["max_answer_len"] = max_answer_len
+    return payload["question"], payload["context"], options
 
 
 def parse_parameters(parameters: Any) -> tuple[tuple[str, Any], ...]:
@@ -209,8 +267,7 @@ class QueueFullError(Exception):
 
 
 def check_batching(max_batch: int, max_wait_ms: float) -> None:
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-        raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+    positive_int("max_batch", max_batch)
     if not (isinstance(max_wait_ms, (int, float)) and math.isfinite(max_wait_ms) and max_wait_ms >= 0):
         raise ValueError(f"max_wait_ms must be a number >= 0, got {max_wait_ms!r}")
 
@@ -220,7 +277,8 @@ class DynamicBatcher:
     ``max_wait_ms`` after the first) and answers each batch with ``answer`` on one worker thread.
 
     ``answer(questions, contexts, **options)`` returns one result per pair (QuestionAnswerer's
-    list form). Only one batch runs at a time; while it runs, the next one gathers."""
+    list form). Only one batch runs at a time; while it runs, the next one gathers. ``on_batch(pairs)``
+    is called after each batched call (the metrics)."""
 
     def __init__(
         self,
@@ -228,9 +286,11 @@ class DynamicBatcher:
         max_batch: int = 32,
         max_wait_ms: float = 5.0,
         max_queue_pairs: int = 1024,
+        on_batch: Callable[[int], None] | None = None,
     ):
         check_batching(max_batch, max_wait_ms)
         self.answer = answer
+        self.on_batch = on_batch
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue_pairs = max_queue_pairs
@@ -245,13 +305,17 @@ class DynamicBatcher:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="distilqa-batcher")
 
-    async def stop(self) -> None:
-        """Answer every job already queued, then stop the worker."""
+    async def stop(self, wait: bool = True) -> None:
+        """Answer every job already queued, then stop the worker; with ``wait=False``, stop at once
+        (a batch already running on the worker thread still ends before the process exits)."""
         self.stopping = True
         self._arrived.set()
         if self._task is not None:
-            await self._task
-        self._executor.shutdown(wait=True)
+            if not wait:
+                self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._executor.shutdown(wait=wait, cancel_futures=True)
 
     def submit(self, questions: list[str], contexts: list[str], options: tuple[tuple[str, Any], ...]) -> asyncio.Future:
         """Queue one request's pairs; the future gets its list of results, or the exception that
@@ -304,6 +368,8 @@ class DynamicBatcher:
             except Exception as error:  # never let the batcher die: every later request would hang
                 outcomes = [error] * len(batch)
             self.batches += 1
+            if self.on_batch is not None:
+                self.on_batch(sum(len(job.questions) for job in batch))
             for job, outcome in zip(batch, outcomes):
                 if job.future.done():
                     continue
@@ -346,87 +412,293 @@ class DynamicBatcher:
 # ---------------------------------------------------------------------------- the app
 
 
+@dataclass
+class ServiceState:
+    """What the app and the server that stops it share. ``stopped`` is set when the drain time is up:
+    requests still waiting then are answered 503 instead of being cut off."""
+
+    draining: bool = False
+    in_flight: int = 0
+    stopped: asyncio.Event | None = None
+
+
+class Gate:
+    """ASGI middleware around the app: counts requests in flight, answers 503 to new ones while the
+    service drains, and records each request's route, status and latency."""
+
+    def __init__(self, app: Any, state: ServiceState, metrics: ServiceMetrics, paths: set[str]):
+        self.app, self.state, self.metrics, self.paths = app, state, metrics, paths
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = scope["path"] if scope["path"] in self.paths else "other"  # bounded label values
+        began, status = time.perf_counter(), 500
+
+        async def record_status(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if self.state.draining:
+                await error_response(503, "the server is shutting down; retry on another server")(
+                    scope, receive, record_status
+                )
+                return
+            self.state.in_flight += 1
+            try:
+                await self.app(scope, receive, record_status)
+            finally:
+                self.state.in_flight -= 1
+        finally:
+            self.metrics.observe_request(route, scope["method"], status, time.perf_counter() - began)
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The one shape of every error the service answers."""
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def unless_stopped(state: ServiceState, work: Awaitable) -> Any:
+    """``await work``, or a 503 :class:`RequestError` if the service's drain time ends first."""
+    work = asyncio.ensure_future(work)
+    if state.stopped is None:
+        return await work
+    stopped = asyncio.ensure_future(state.stopped.wait())
+    try:
+        await asyncio.wait((work, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if not work.done():
+        work.cancel()  # the batcher skips a cancelled request
+        raise RequestError(503, "the server stopped before answering this request; retry on another server")
+    return work.result()
+
+
 def create_app(
     answerer: QuestionAnswerer,
     model_name: str = "",
     max_batch: int = 32,
     max_wait_ms: float = 5.0,
     limits: ServerLimits | None = None,
+    examples: str | Any | None = AUTO,
+    state: ServiceState | None = None,
 ) -> FastAPI:
-    """The FastAPI application serving ``answerer``; its batcher starts and stops with the app's lifespan."""
+    """The FastAPI application serving ``answerer``; its batcher starts and stops with the app's lifespan.
+
+    ``examples``: the SQuAD v1.1 file whose contexts the page offers, None for none, or ``"auto"`` to
+    look where :func:`distilqa.web.default_examples_file` says. ``state`` is shared with the server
+    that stops the app (:func:`serve`); by default the app's own."""
     from distilqa import __version__
 
     limits = limits or ServerLimits()
     check_batching(max_batch, max_wait_ms)  # now, not when the server starts
+    state = state or ServiceState()
+    examples_file = web.default_examples_file() if examples == AUTO else examples
+    batchers: dict[str, DynamicBatcher] = {}
+    model = answerer.model
+    dtype = str(model.dtype).removeprefix("torch.")
+
+    def pending_pairs() -> int:
+        return batchers["batcher"].pending_pairs if "batcher" in batchers else 0
+
+    metrics = ServiceMetrics(model_name, dtype, str(model.device), __version__, pending_pairs)
 
     def answer(questions: list[str], contexts: list[str], **options: Any) -> list[Any]:
         return answerer(questions, contexts, **options)  # lists in: always a list out, one result per pair
 
-    state: dict[str, DynamicBatcher] = {}
-
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        batcher = DynamicBatcher(answer, max_batch, max_wait_ms, limits.max_queue_pairs)
+        batcher = DynamicBatcher(answer, max_batch, max_wait_ms, limits.max_queue_pairs, metrics.observe_batch)
         batcher.start()
-        state["batcher"] = app.state.batcher = batcher
+        batchers["batcher"] = app.state.batcher = batcher
+        state.stopped = asyncio.Event()
+        explainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distilqa-explain")
+        app.state.explainer = explainer
         try:
             yield
         finally:
-            await batcher.stop()
+            await batcher.stop(wait=not state.stopped.is_set())
+            explainer.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="distilqa", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.service = state
+    app.state.metrics = metrics
 
     @app.exception_handler(RequestError)
     async def refuse(request: Request, error: RequestError) -> JSONResponse:
-        return JSONResponse({"error": error.message}, status_code=error.status)
+        return error_response(error.status, error.message, error.headers)
+
+    @app.exception_handler(HTTPException)  # 404 unknown path, 405 wrong method: the same shape
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        message = error.detail
+        if error.status_code == 404:
+            message = f"no route {request.url.path}; the routes are {', '.join(sorted(paths))}"
+        elif error.status_code == 405:
+            allowed = (error.headers or {}).get("Allow", "")
+            message = f"{request.method} is not allowed on {request.url.path}; use {allowed}"
+        return error_response(error.status_code, str(message), dict(error.headers or {}))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        return error_response(422, f"{where}: {first.get('msg', 'invalid request')}")
 
     async def question_answering(request: Request) -> JSONResponse:
         body = await read_body(request, limits.max_body_bytes)
         questions, contexts, single, options = parse_request(body, limits)
         try:
-            future = state["batcher"].submit(questions, contexts, options)
+            future = batchers["batcher"].submit(questions, contexts, options)
         except QueueFullError as error:
-            return JSONResponse({"error": str(error)}, status_code=503, headers={"Retry-After": "1"})
+            raise RequestError(503, str(error), {"Retry-After": "1"}) from None
         try:
-            answers = await future
+            answers = await unless_stopped(state, future)
         except PairError as error:  # the pipeline's word on one pair of this request, answered alone
-            where = f"'inputs.{error.field}'" if single else f"'inputs[{error.index}].{error.field}'"
-            raise RequestError(422, f"{where} {error.reason}") from None
+            raise RequestError(422, error.describe("'inputs'" if single else f"'inputs[{error.index}]'")) from None
         except (ValueError, TypeError) as error:  # the request's options
             raise RequestError(422, str(error)) from None
+        except RequestError:
+            raise
         except Exception as error:
-            return JSONResponse({"error": f"answering failed: {type(error).__name__}: {error}"}, status_code=500)
+            raise RequestError(500, f"answering failed: {type(error).__name__}: {error}") from None
         return JSONResponse(answers[0] if single else answers)
 
     for route in ROUTES:
         app.add_api_route(route, question_answering, methods=["POST"], include_in_schema=route != "/")
 
+    @app.post("/explain")
+    async def explain_pair(request: Request) -> JSONResponse:
+        question, context, options = parse_explain_request(await read_body(request, limits.max_body_bytes), limits)
+        work = asyncio.get_running_loop().run_in_executor(
+            app.state.explainer, lambda: explain(answerer, question, context, **options)
+        )
+        try:
+            return JSONResponse(await unless_stopped(state, work))
+        except PairError as error:
+            raise RequestError(422, error.describe()) from None
+        except ValueError as error:  # a head that does not exist, options that do not fit
+            raise RequestError(422, str(error)) from None
+
+    pages = {"/": "index.html", "/web/app.js": "app.js", "/web/style.css": "style.css"}
+    for path, name in pages.items():
+        content, media_type = web.asset(name), web.ASSETS[name]  # read once: the files are small
+
+        async def page(content: bytes = content, media_type: str = media_type) -> Response:
+            return Response(content, media_type=f"{media_type}; charset=utf-8")
+
+        app.add_api_route(path, page, methods=["GET"], include_in_schema=False)
+
+    loaded: dict[str, list[dict]] = {}
+
+    @app.get("/examples")
+    async def examples_list() -> JSONResponse:
+        if "examples" not in loaded:  # read on first use: a fast start, and no cost when unused
+            loaded["examples"] = await asyncio.to_thread(web.load_examples, examples_file)
+        return JSONResponse(loaded["examples"])
+
     @app.get("/health")
     async def health() -> JSONResponse:
-        batcher = state.get("batcher")
-        if batcher is None or batcher.stopping:
+        batcher = batchers.get("batcher")
+        if batcher is None or batcher.stopping or state.draining:
             return JSONResponse({"status": "shutting down"}, status_code=503)
         return JSONResponse({"status": "ok", "pending_pairs": batcher.pending_pairs})
 
     @app.get("/info")
     async def info() -> JSONResponse:
-        model = answerer.model
         return JSONResponse(
             {
                 "model": model_name,
-                "dtype": str(model.dtype).removeprefix("torch."),
+                "dtype": dtype,
                 "device": str(model.device),
                 "version": __version__,
                 "attn_implementation": model.attn_implementation,
                 "linear_backend": model.linear_backend,
                 "max_batch": max_batch,
                 "max_wait_ms": max_wait_ms,
-                "batches": state["batcher"].batches if "batcher" in state else 0,
+                "batches": batchers["batcher"].batches if "batcher" in batchers else 0,
                 "limits": asdict(limits),
+                "examples": examples_file is not None,
             }
         )
 
+    @app.get("/metrics")
+    async def metrics_text() -> Response:
+        content, media_type = metrics.render()
+        return Response(content, media_type=media_type)
+
+    paths = {route.path for route in app.routes}
+    app.add_middleware(Gate, state=state, metrics=metrics, paths=paths)
     return app
+
+
+# ---------------------------------------------------------------------------- serving
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``, made before the model loads so that a taken port is said at
+    once (ValueError) instead of after a minute of loading; :func:`serve` hands it to uvicorn."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as error:
+        raise ValueError(f"--host {host}: not an address of this machine ({error.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
+    try:
+        sock.bind(address)
+        sock.listen(2048)  # listening now keeps the port ours while the model loads
+    except OSError as error:
+        sock.close()
+        if error.errno == errno.EADDRINUSE:
+            raise ValueError(
+                f"port {port} on {host} is already in use; stop the program using it or choose another --port"
+            ) from None
+        raise ValueError(f"cannot listen on {host}:{port} ({error.strerror or error})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+class Service(uvicorn.Server):
+    """uvicorn's server, stopping as a service should: the first SIGINT or SIGTERM starts a drain (new
+    requests get 503; the requests in flight finish, for at most ``drain_timeout_s``), then the server
+    shuts down and :meth:`run` returns, without re-raising the signal. A second SIGINT stops at once."""
+
+    def __init__(self, config: uvicorn.Config, state: ServiceState, drain_timeout_s: float):
+        super().__init__(config)
+        self.state = state
+        self.drain_timeout_s = drain_timeout_s
+        self.deadline: float | None = None
+
+    def handle_exit(self, sig: int, frame: Any) -> None:  # a signal handler: only set flags here
+        if self.state.draining:
+            if sig == signal.SIGINT:
+                self.force_exit = self.should_exit = True
+            return
+        self.state.draining = True
+
+    async def on_tick(self, counter: int) -> bool:
+        state = self.state
+        if state.draining and not self.should_exit:
+            now = time.monotonic()
+            if self.deadline is None:
+                self.deadline = now + self.drain_timeout_s
+                print(
+                    f"distilqa: stopping: finishing {state.in_flight} request(s) in flight "
+                    f"(at most {self.drain_timeout_s:g} s; Ctrl+C again to quit now)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            if state.in_flight == 0:
+                self.should_exit = True
+            elif now > self.deadline and state.stopped is not None and not state.stopped.is_set():
+                print(f"distilqa: {state.in_flight} request(s) unanswered after the drain time: 503", file=sys.stderr)
+                state.stopped.set()  # they answer 503 at once; the next ticks see them gone
+            elif now > self.deadline + 5.0:  # a request that does not end even so: stop anyway
+                self.should_exit = True
+        return await super().on_tick(counter)
 
 
 def serve(
@@ -437,60 +709,19 @@ def serve(
     max_batch: int = 32,
     max_wait_ms: float = 5.0,
     limits: ServerLimits | None = None,
-    graceful_timeout_s: float = 60.0,
+    drain_timeout_s: float = 30.0,
     log_level: str = "info",
+    sock: socket.socket | None = None,
+    examples: str | Any | None = AUTO,
 ) -> None:
-    """Serve until SIGINT or SIGTERM; then finish the requests already received (for at most
-    ``graceful_timeout_s``) and return."""
-    app = create_app(answerer, model_name, max_batch, max_wait_ms, limits)
+    """Serve until SIGINT or SIGTERM, then drain (see :class:`Service`) and return. ``sock``: a socket
+    from :func:`bind_socket` (by default one is bound here)."""
+    positive_number("drain_timeout_s", drain_timeout_s)
+    sock = sock or bind_socket(host, port)
+    state = ServiceState()
+    app = create_app(answerer, model_name, max_batch, max_wait_ms, limits, examples, state)
+    # The drain already waited for the requests; uvicorn's own grace period only closes connections.
     config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout_s, access_log=False
+        app, host=host, port=sock.getsockname()[1], log_level=log_level, timeout_graceful_shutdown=5, access_log=False
     )
-    uvicorn.Server(config).run()
-
-
-@contextlib.contextmanager
-def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 30.0) -> Iterator[str]:
-    """Run ``app`` with uvicorn on a background thread (port 0: any free one) and yield its base
-    URL; on exit, shut it down gracefully as SIGTERM would. For tests, notebooks and benchmarks."""
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, name="distilqa-uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout_s
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"the server did not start on {host}:{port}")
-        time.sleep(0.01)
-    bound_port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://{host}:{bound_port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout_s)
-
-
-async def post_concurrently(
-    url: str, bodies: Sequence[Any], concurrency: int, path: str = "/", timeout_s: float = 300.0
-) -> list[tuple[int, Any, float]]:
-    """POST every body (JSON-encoded, or bytes as they are) to ``url + path`` with at most
-    ``concurrency`` requests in flight, from one httpx async client; returns (status, decoded JSON
-    body, seconds) per body, in order. The load generator of the tests and the benchmark."""
-    import httpx
-
-    results: list[Any] = [None] * len(bodies)
-    queue = list(enumerate(bodies))[::-1]
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
-
-        async def worker() -> None:
-            while queue:
-                index, body = queue.pop()
-                began = time.perf_counter()
-                if isinstance(body, bytes):
-                    response = await client.post(path, content=body)
-                else:
-                    response = await client.post(path, json=body)
-                results[index] = (response.status_code, response.json(), time.perf_counter() - began)
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return results
+    Service(config, state, drain_timeout_s).run(sockets=[sock])

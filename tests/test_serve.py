@@ -1,11 +1,14 @@
-"""The HTTP service: answers equal to direct QuestionAnswerer calls, refusals with clear 4xx errors,
-dynamic batching under load, 503 on a full queue, and a graceful shutdown. Loopback only."""
+"""The HTTP service: answers equal to direct QuestionAnswerer calls, refusals with clear 4xx errors in
+one JSON shape, dynamic batching under load, 503 on a full queue, the page and /explain, Prometheus
+metrics, and a service that stops as a service (driven as a user would: `distilqa serve` in a
+subprocess, then SIGINT). Loopback only."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import statistics
@@ -23,9 +26,10 @@ httpx = pytest.importorskip("httpx")
 
 from conftest import SQUAD_FILE, save_reference_checkpoint, write_tokenizer_files  # noqa: E402
 
-from distilqa import QuestionAnswerer  # noqa: E402
-from distilqa.serve import ServerLimits, create_app, serve_in_thread  # noqa: E402
-from distilqa.serve import post_concurrently as post_all  # noqa: E402
+from distilqa import QuestionAnswerer, __version__  # noqa: E402
+from distilqa.serve import ServerLimits, create_app  # noqa: E402
+from distilqa.testing import post_concurrently as post_all  # noqa: E402
+from distilqa.testing import serve_in_thread  # noqa: E402
 
 HOST = "127.0.0.1"
 PAIR = {"question": "Where was it founded?", "context": "The company was founded in Paris in 1999."}
@@ -102,7 +106,11 @@ BAD_REQUESTS = [  # (body, status, words the error must contain)
     (json.dumps({"inputs": PAIR, "parameters": {"doc_stride": 400}}).encode(), 422, "doc_stride (400) must be smaller"),
     (json.dumps({"inputs": [PAIR] * 9}).encode(), 422, "9 pairs, more than the limit of 8"),
     (json.dumps({"inputs": {"question": "q", "context": "x " * 2600}}).encode(), 422, "more than the limit of 5000"),
-    (json.dumps({"inputs": {"question": "q", "context": "\x01\x02"}}).encode(), 422, "'inputs.context' has no tokens"),
+    (
+        json.dumps({"inputs": {"question": "q", "context": "\x01\x02"}}).encode(),
+        422,
+        "'inputs': the context has no tokens",
+    ),
     (json.dumps({"inputs": [PAIR] * 8, "padding": "x" * 20_000}).encode(), 413, "more than the limit of 20000"),
 ]
 
@@ -117,7 +125,7 @@ def client(server) -> httpx.Client:
 def test_bad_requests_are_refused_clearly(client, body, status, words):
     response = client.post("/", content=body)
     assert response.status_code == status, response.text
-    assert words in response.json()["error"]
+    assert list(response.json()) == ["error"] and words in response.json()["error"]
     assert client.get("/health").json()["status"] == "ok"
     assert client.post("/", json={"inputs": PAIR}).status_code == 200
 
@@ -141,7 +149,7 @@ def test_bad_input_fails_only_its_own_request(server, answerer):
     results = asyncio.run(post_all(server, [*good[:3], bad, *good[3:]], concurrency=7))
     statuses = [status for status, _, _ in results]
     assert statuses == [200, 200, 200, 422, 200, 200, 200], results
-    assert "'inputs[1].context' has no tokens" in results[3][1]["error"]
+    assert "'inputs[1]': the context has no tokens" in results[3][1]["error"]
     for body, (_, served, _) in zip(good, [*results[:3], *results[4:]]):
         assert_same_answer(served, answerer(body["inputs"]["question"], body["inputs"]["context"]))
 
@@ -164,51 +172,211 @@ def test_full_queue_answers_503(answerer):
         assert httpx.post(f"{url}/", json={"inputs": PAIR}).status_code == 200  # served again once drained
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "status", "words"),
+    [
+        ("GET", "/nowhere", 404, "no route /nowhere"),
+        ("POST", "/nowhere", 404, "no route /nowhere"),
+        ("GET", "/v1/question-answering", 405, "GET is not allowed on /v1/question-answering; use POST"),
+        ("PUT", "/explain", 405, "PUT is not allowed on /explain"),
+        ("DELETE", "/health", 405, "use GET"),
+    ],
+)
+def test_every_error_has_one_json_shape(client, method, path, status, words):
+    """Unknown routes and wrong methods answer as every refusal does: {"error": "..."} and nothing else."""
+    response = client.request(method, path)
+    assert response.status_code == status and response.headers["content-type"] == "application/json"
+    assert list(response.json()) == ["error"] and words in response.json()["error"], response.text
+
+
+def test_explain_endpoint_returns_explains_numbers(client, answerer):
+    """POST /explain returns what distilqa.explain.explain computes for the same pair: one implementation."""
+    from distilqa.explain import explain
+
+    served = client.post("/explain", json={**PAIR, "head": [0, 1]})
+    assert served.status_code == 200, served.text
+    direct = json.loads(json.dumps(explain(answerer, PAIR["question"], PAIR["context"], head=(0, 1))))
+    assert served.json() == direct
+    assert served.json()["logit_lens"]["answer_rank"][-1] == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"question": "q"}, "missing field 'context'"),
+        ({**PAIR, "head": [5, 0]}, "head 5.0 does not exist"),
+        ({**PAIR, "head": "0.1"}, "'head' must be [layer, head]"),
+        ({**PAIR, "max_answer_len": 0}, "'max_answer_len' must be an integer >= 1"),
+        ({**PAIR, "context": "\x01\x02"}, "the context has no tokens"),
+        ({**PAIR, "extra": 1}, "unknown field(s) extra"),
+    ],
+)
+def test_explain_endpoint_refuses_clearly(client, body, words):
+    response = client.post("/explain", json=body)
+    assert response.status_code == 422 and list(response.json()) == ["error"]
+    assert words in response.json()["error"], response.text
+
+
+def test_page_and_its_files_are_served(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css")):
+        assert f"/web/{name}" in page.text
+        response = client.get(f"/web/{name}")
+        assert response.status_code == 200 and response.headers["content-type"].startswith(kind)
+    # Self-contained: nothing but this service's own paths.
+    assert not re.search(r"(src|href)=\"(?!/)", page.text) and "http" not in client.get("/web/style.css").text
+
+
+def test_examples_come_from_squad_or_are_absent(answerer, tmp_path):
+    if not SQUAD_FILE.exists():
+        pytest.skip(f"SQuAD dev set not found at {SQUAD_FILE}")
+    with serve_in_thread(create_app(answerer, "tiny", examples=SQUAD_FILE)) as url:
+        examples = httpx.get(f"{url}/examples").json()
+    assert len(examples) == 8 and len({e["title"] for e in examples}) == 8
+    from distilqa.squad import read_squad
+
+    first = read_squad(SQUAD_FILE)[0]
+    assert (examples[0]["question"], examples[0]["context"]) == (first.question, first.context)
+    with serve_in_thread(create_app(answerer, "tiny", examples=None)) as url:
+        assert httpx.get(f"{url}/examples").json() == []
+        assert httpx.get(f"{url}/info").json()["examples"] is False
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """One sample's value from a Prometheus text exposition (labels in any order)."""
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        sample, value = line.rsplit(" ", 1)
+        found = dict(re.findall(r'(\w+)="([^"]*)"', sample))
+        if sample.split("{")[0] == name and found == labels:
+            return float(value)
+    raise AssertionError(f"no sample {name}{labels} in:\n{text}")
+
+
+def test_metrics_count_requests_batches_and_pairs(answerer):
+    """A fresh app (its own registry: a second app in this process must not collide with it)."""
+    app = create_app(answerer, "tiny", max_batch=16, max_wait_ms=200)
+    other = create_app(answerer, "other")  # noqa: F841 (registered alongside: no duplicate-metric error)
+    with serve_in_thread(app) as url:
+        bodies = [{"inputs": PAIR}] * 3 + [{"inputs": [PAIR, PAIR]}, b"not json"]
+        results = asyncio.run(post_all(url, bodies, concurrency=5))
+        assert [status for status, _, _ in results] == [200, 200, 200, 200, 400]
+        httpx.get(f"{url}/nowhere")
+        text = httpx.get(f"{url}/metrics").text
+    assert metric(text, "distilqa_requests_total", route="/", method="POST", status="200") == 4
+    assert metric(text, "distilqa_requests_total", route="/", method="POST", status="400") == 1
+    assert metric(text, "distilqa_requests_total", route="other", method="GET", status="404") == 1
+    assert metric(text, "distilqa_request_seconds_count", route="/") == 5
+    assert metric(text, "distilqa_pairs_answered_total") == 5
+    batches = metric(text, "distilqa_batch_pairs_count")
+    assert metric(text, "distilqa_batch_pairs_sum") == 5 and 1 <= batches < 4  # batched, not one by one
+    assert metric(text, "distilqa_queue_pairs") == 0
+    info = dict(model="tiny", dtype="float32", device="cpu", version=__version__)
+    assert metric(text, "distilqa_model_info", **info) == 1
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return sock.getsockname()[1]
 
 
-def test_sigterm_finishes_requests_in_flight(tiny_checkpoint, answerer):
-    """`distilqa serve` gets SIGTERM while 8 requests wait in its batch: all 8 are answered, then it exits 0."""
+def start_cli_server(checkpoint: Path, port: int, *options: str) -> subprocess.Popen:
+    """`distilqa serve` in a subprocess, as a user starts it; returns once /health answers 200."""
+    command = [sys.executable, "-m", "distilqa.cli", "serve", "--model", str(checkpoint), "--port", str(port)]
+    process = subprocess.Popen(
+        [*command, "--linear-backend", "aten", *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        if process.poll() is not None:
+            raise AssertionError(f"the server exited with {process.returncode}: {process.stderr.read()}")
+        try:
+            if httpx.get(f"http://{HOST}:{port}/health", timeout=1).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.1)
+
+
+def test_sigint_finishes_requests_in_flight_then_exits_0(tiny_checkpoint, answerer):
+    """`distilqa serve` gets SIGINT while 8 requests wait in its batch: a new request gets a JSON 503,
+    all 8 are answered, and the process exits 0 with no traceback."""
     port = free_port()
-    command = [sys.executable, "-m", "distilqa.cli", "serve", "--model", str(tiny_checkpoint), "--port", str(port)]
-    command += ["--max-batch", "64", "--max-wait-ms", "1500", "--linear-backend", "aten"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = start_cli_server(tiny_checkpoint, port, "--max-batch", "64", "--max-wait-ms", "3000")
     url = f"http://{HOST}:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.1)
         bodies = [
             {"inputs": {"question": f"Where was company {i} founded?", "context": PAIR["context"]}} for i in range(8)
         ]
         results: list = []
         client = threading.Thread(target=lambda: results.extend(asyncio.run(post_all(url, bodies, concurrency=8))))
         client.start()
+        deadline = time.monotonic() + 60
         while httpx.get(f"{url}/health", timeout=5).json()["pending_pairs"] < len(bodies):  # all 8 received
             assert client.is_alive() and time.monotonic() < deadline
             time.sleep(0.02)
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.3)  # the batcher still waits for more (3 s): the 8 are in flight
+        late = httpx.post(url, json={"inputs": PAIR}, timeout=10)
         client.join(60)
-        # uvicorn re-raises the signal once it has shut down, so the exit status is that of SIGTERM
-        assert process.wait(60) in (0, -signal.SIGTERM)
+        status = process.wait(60)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+    stderr = process.stderr.read()
+    assert late.status_code == 503 and "shutting down" in late.json()["error"], late.text
     assert [status for status, _, _ in results] == [200] * len(bodies), results
-    assert "Finished server process" in process.stdout.read()
     for body, (_, served, _) in zip(bodies, results):
         assert_same_answer(served, answerer(body["inputs"]["question"], body["inputs"]["context"]))
+    assert status == 0, stderr
+    assert "Traceback" not in stderr and "CancelledError" not in stderr, stderr
+    assert "finishing 8 request(s) in flight" in stderr
+
+
+def test_drain_timeout_answers_the_rest_503(tiny_checkpoint):
+    """A request that would wait past --drain-timeout is answered 503 (not cut off), and the exit is still 0."""
+    port = free_port()
+    process = start_cli_server(tiny_checkpoint, port, "--max-wait-ms", "20000", "--drain-timeout", "0.5")
+    url = f"http://{HOST}:{port}"
+    try:
+        results: list = []
+        client = threading.Thread(target=lambda: results.extend(asyncio.run(post_all(url, [{"inputs": PAIR}], 1))))
+        client.start()
+        while httpx.get(f"{url}/health", timeout=5).json()["pending_pairs"] < 1:
+            time.sleep(0.02)
+        began = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        client.join(60)
+        status = process.wait(60)
+        seconds = time.monotonic() - began
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    stderr = process.stderr.read()
+    assert results[0][0] == 503 and "stopped before answering" in results[0][1]["error"], results
+    assert status == 0 and "Traceback" not in stderr, stderr
+    assert seconds < 15, f"stopping took {seconds:.1f} s with a drain timeout of 0.5 s"
+
+
+def test_a_taken_port_is_one_line_before_the_model_loads(tiny_checkpoint, tmp_path):
+    """A second server on a taken port: status 2 and one `distilqa: error:` line, before any model
+    loads (its --model does not even exist)."""
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "distilqa.cli", "serve", "--model", str(tmp_path / "absent"), "--port"]
+        result = subprocess.run([*command, str(port)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("distilqa: error: "), result.stderr
+    assert f"port {port}" in lines[0] and "already in use" in lines[0]
 
 
 def test_cli_serve_refuses_bad_options(capsys):
