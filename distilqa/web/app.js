@@ -109,7 +109,7 @@ const inSpan = (e, i) => e.span.start_token <= i && i <= e.span.end_token;
 function drawProbabilities(e) {
   const keys = e.attention.keys;
   const bar = Math.max(6, Math.min(18, 1100 / keys.length));
-  const width = 60 + keys.length * bar;
+  const width = 80 + keys.length * bar;
   const rowHeight = 90;
   const labelRoom = 90;
   const svg = $("probabilities");
@@ -125,7 +125,7 @@ function drawProbabilities(e) {
     values.forEach((value, column) => {
       const height = (value / top) * (rowHeight - 12);
       const rect = svgEl("rect", {
-        x: 60 + column * bar + 1, y: y0 + rowHeight - 6 - height, width: bar - 2, height: Math.max(height, 0.5),
+        x: 80 + column * bar + 1, y: y0 + rowHeight - 6 - height, width: bar - 2, height: Math.max(height, 0.5),
         fill: inSpan(e, keys[column]) ? ANSWER : OTHER,
       });
       rect.append(svgEl("title", {}, `${e.window.tokens[keys[column]]}: p(${name}) = ${fmt(value)}`));
@@ -135,7 +135,7 @@ function drawProbabilities(e) {
   const every = Math.ceil(keys.length / Math.floor(width / 12)); // thin the labels where they would collide
   keys.forEach((i, column) => {
     if (column % every !== 0 && !inSpan(e, i)) return;
-    const x = 60 + column * bar + bar / 2;
+    const x = 80 + column * bar + bar / 2;
     const y = 2 * rowHeight + 16;
     svg.append(svgEl("text", {
       x, y, transform: `rotate(-60 ${x} ${y})`, "text-anchor": "end",
@@ -170,8 +170,7 @@ function selectToken(index) {
   const top = Math.max(...row) || 1;
   for (const button of $("tokens").children) {
     const j = Number(button.dataset.index);
-    button.style.background = `rgba(49,130,189,${(0.85 * row[j] / top).toFixed(3)})`;
-    button.style.color = row[j] / top > 0.55 ? "white" : "";
+    button.style.background = `rgba(49,130,189,${(0.6 * row[j] / top).toFixed(3)})`; // light: the text stays legible
     button.classList.toggle("selected", j === index);
     button.setAttribute("aria-pressed", j === index ? "true" : "false");
   }
@@ -193,9 +192,9 @@ function drawHeadMap(e) {
   const image = context.createImageData(n, n);
   const top = Math.max(...weights.map((row) => Math.max(...row))) || 1;
   weights.forEach((row, i) => row.forEach((value, j) => {
-    const t = 1 - value / top; // white (0) to dark blue (the head's largest weight)
+    const t = 1 - value / top; // white (0) to blue (the head's largest weight)
     const at = 4 * (i * n + j);
-    image.data.set([Math.round(8 + 247 * t), Math.round(48 + 207 * t), Math.round(107 + 148 * t), 255], at);
+    image.data.set([Math.round(33 + 222 * t), Math.round(102 + 153 * t), Math.round(172 + 83 * t), 255], at);
   }));
   context.putImageData(image, 0, 0);
   canvas.title = "rows: attending token; columns: attended token; hover a row to select its token";
@@ -269,28 +268,28 @@ function drawOverview(e) {
 function drawLens(e) {
   const lens = e.logit_lens;
   const depths = lens.layers.length;
-  const width = 160 + depths * 110;
-  const height = 240;
+  const width = Math.max(460, 160 + depths * 110);
+  const height = 290;
   const svg = $("lens");
   svg.replaceChildren();
   svg.setAttribute("width", width);
   svg.setAttribute("height", height);
-  const series = [
-    { name: "the answer, decoded as the pipeline does", ranks: lens.answer_rank, colour: ANSWER },
-    { name: "the chosen token span, among all spans", ranks: lens.span_rank, colour: OTHER },
+  const series = [ // the answer drawn last, on top, with larger dots
+    { name: "the chosen token span, among all spans (not merged)", ranks: lens.span_rank, colour: OTHER, r: 4 },
+    { name: "the answer, decoded as the pipeline does", ranks: lens.answer_rank, colour: ANSWER, r: 7 },
   ];
   const worst = Math.max(2, ...series.flatMap((s) => s.ranks.filter((r) => r !== null)));
-  const top = 20;
-  const bottom = height - 40;
+  const top = 30;
+  const bottom = height - 90;
   const y = (rank) => top + (Math.log(rank) / Math.log(worst)) * (bottom - top); // log scale, rank 1 on top
   const x = (depth) => 90 + depth * 110;
   for (const tick of [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000].filter((t) => t <= worst)) {
     svg.append(svgEl("line", { x1: 80, x2: width - 60, y1: y(tick), y2: y(tick), stroke: "#e4e4e8" }));
     svg.append(svgEl("text", { x: 74, y: y(tick) + 4, "text-anchor": "end" }, String(tick)));
   }
-  svg.append(svgEl("text", { x: 4, y: top - 6 }, "rank (1 = best)"));
+  svg.append(svgEl("text", { x: 4, y: 12 }, "rank (1 = best)"));
   lens.layers.forEach((name, depth) => {
-    svg.append(svgEl("text", { x: x(depth), y: height - 18, "text-anchor": "middle" }, name));
+    svg.append(svgEl("text", { x: x(depth), y: bottom + 22, "text-anchor": "middle" }, name));
   });
   series.forEach((s, k) => {
     const points = s.ranks.map((rank, depth) => (rank === null ? null : [x(depth), y(rank)]));
@@ -298,12 +297,13 @@ function drawLens(e) {
     svg.append(svgEl("path", { d: path, stroke: s.colour, "stroke-width": 2.5, fill: "none" }));
     points.forEach((p, depth) => {
       if (p === null) return;
-      const dot = svgEl("circle", { cx: p[0], cy: p[1], r: 5, fill: s.colour });
+      const dot = svgEl("circle", { cx: p[0], cy: p[1], r: s.r, fill: s.colour });
       dot.append(svgEl("title", {}, `${lens.layers[depth]}: ${s.name}, rank ${s.ranks[depth]}`));
       svg.append(dot);
     });
-    svg.append(svgEl("rect", { x: width - 330, y: top + 150 + k * 18 - 140, width: 14, height: 4, fill: s.colour }));
-    svg.append(svgEl("text", { x: width - 310, y: top + 150 + k * 18 - 135 }, s.name));
+    const legend = height - 38 + (1 - k) * 18; // the answer's entry first
+    svg.append(svgEl("rect", { x: 90, y: legend - 4, width: 16, height: 5, fill: s.colour }));
+    svg.append(svgEl("text", { x: 112, y: legend + 2 }, s.name));
   });
   $("lens-note").textContent =
     `The model's span head read after each stage. Orange: the rank of the answer “${e.answer.answer}” among the ` +
