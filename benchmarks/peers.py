@@ -1,39 +1,18 @@
-"""The runtimes a user might pick instead of distilqa, as peers in the benchmarks: ONNX Runtime and
-OpenVINO, each running transformers' DistilBertForQuestionAnswering exported with
-``torch.onnx.export`` (same weights as every other row of a run).
-
-Each peer is wrapped as a module called like the models, ``peer(input_ids, attention_mask)`` with
-(batch, seq) tensors, returning an object with ``start_logits`` and ``end_logits`` (batch, seq) as
-torch tensors, so the benchmarks time and compare it like any other variant. Install them with
-``pip install -e ".[bench]"``.
+"""The runtimes a user might pick instead of distilqa: ONNX Runtime and OpenVINO, each running
+transformers' DistilBertForQuestionAnswering exported with ``torch.onnx.export`` (the same weights as
+every other row of a run), wrapped as a module called like the models: ``peer(input_ids,
+attention_mask)`` with (batch, seq) tensors, returning ``start_logits`` and ``end_logits`` (batch, seq).
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
-
-
-@dataclass
-class PeerOutput:
-    start_logits: Tensor  # (batch, seq)
-    end_logits: Tensor  # (batch, seq)
-
-
-class _LogitsOnly(torch.nn.Module):
-    """transformers' model with plain (input_ids, attention_mask) -> (start, end) for the exporter."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        output = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        return output.start_logits, output.end_logits
 
 
 def export_reference_onnx(checkpoint: Path, path: Path) -> Path:
@@ -41,76 +20,65 @@ def export_reference_onnx(checkpoint: Path, path: Path) -> Path:
     import transformers
 
     model = transformers.DistilBertForQuestionAnswering.from_pretrained(checkpoint, attn_implementation="eager")
-    wrapper = _LogitsOnly(model).eval()  # the exporter restores the wrapper's mode: it must be eval too
+    model.eval().config.return_dict = False  # a (start, end) tuple for the exporter
+    names = ("input_ids", "attention_mask", "start_logits", "end_logits")
     ids = torch.ones(2, 16, dtype=torch.long)
-    axes = {0: "batch", 1: "seq"}
     with warnings.catch_warnings():  # the TorchScript-based exporter warns that it is the legacy one
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            wrapper,
-            (ids, torch.ones_like(ids)),
-            str(path),
-            input_names=["input_ids", "attention_mask"],
-            output_names=["start_logits", "end_logits"],
-            dynamic_axes={name: axes for name in ("input_ids", "attention_mask", "start_logits", "end_logits")},
-            opset_version=17,
-            dynamo=False,
-        )
+            model, (ids, torch.ones_like(ids)), str(path), input_names=names[:2], output_names=names[2:],
+            dynamic_axes={name: {0: "batch", 1: "seq"} for name in names}, opset_version=17, dynamo=False,
+        )  # fmt: skip
     return path
 
 
-class _Peer(torch.nn.Module):
-    """What QuestionAnswerer reads of a model (``config``, ``device``), so that a peer can answer
-    through the same tokenization and decoding (padded windows: ``packed=False``)."""
+class Peer(torch.nn.Module):
+    """A peer runtime with what QuestionAnswerer reads of a model (``config``, ``device``), so that it
+    answers through distilqa's own tokenization and decoding (padded windows: ``packed=False``)."""
 
-    def __init__(self, config: object) -> None:
+    def __init__(self, run: Callable[[dict], list], config: object = None) -> None:
         super().__init__()
-        self.config = config
+        self.run, self.config = run, config
 
     @property
     def device(self) -> torch.device:
         return torch.device("cpu")
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> PeerOutput:
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        feed = {"input_ids": input_ids.cpu().numpy(), "attention_mask": attention_mask.long().cpu().numpy()}
-        start, end = self.run(feed)
-        return PeerOutput(torch.from_numpy(start), torch.from_numpy(end))
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> SimpleNamespace:
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        start, end = self.run({"input_ids": input_ids.cpu().numpy(), "attention_mask": mask.cpu().numpy()})
+        return SimpleNamespace(start_logits=torch.from_numpy(start), end_logits=torch.from_numpy(end))
 
 
-class OnnxRuntimePeer(_Peer):
-    """ONNX Runtime's CPU execution provider, all graph optimisations on, ``threads`` intra-op threads."""
+def onnxruntime_peer(onnx_path: Path, threads: int, config: object = None) -> Peer:
+    """ONNX Runtime's CPU execution provider, every graph optimisation on."""
+    import onnxruntime
 
-    def __init__(self, onnx_path: Path, threads: int, config: object = None) -> None:
-        super().__init__(config)
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        self.session = onnxruntime.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-
-    def run(self, feed: dict) -> list:
-        return self.session.run(["start_logits", "end_logits"], feed)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = onnxruntime.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    return Peer(lambda feed: session.run(["start_logits", "end_logits"], feed), config)
 
 
-class OpenVinoPeer(_Peer):
-    """OpenVINO on the CPU in float32 (``INFERENCE_PRECISION_HINT=f32``: by default OpenVINO would
-    compute in bfloat16 on CPUs that have it, which is not the same arithmetic)."""
+def openvino_peer(onnx_path: Path, threads: int, config: object = None) -> Peer:
+    """OpenVINO on the CPU in float32: by default it would compute in bfloat16 where the CPU has it."""
+    import openvino
 
-    def __init__(self, onnx_path: Path, threads: int, config: object = None) -> None:
-        super().__init__(config)
-        import openvino
-
-        self.compiled = openvino.Core().compile_model(
-            str(onnx_path),
-            "CPU",
-            {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"},
-        )
-
-    def run(self, feed: dict) -> list:
-        result = self.compiled(feed)
-        return [result["start_logits"], result["end_logits"]]
+    hints = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    compiled = openvino.Core().compile_model(str(onnx_path), "CPU", hints)
+    return Peer(lambda feed: [(out := compiled(feed))["start_logits"], out["end_logits"]], config)
 
 
-PEERS = {"onnxruntime": OnnxRuntimePeer, "openvino": OpenVinoPeer}
+PEERS = {"onnxruntime": onnxruntime_peer, "openvino": openvino_peer}
+
+
+def load_peer(name: str) -> Callable[[Path, torch.device, torch.dtype], Peer]:
+    """A forward-benchmark builder: exports the checkpoint folder's model to ONNX once, runs it with ``name``."""
+
+    def build(folder: Path, device: torch.device, dtype: torch.dtype) -> Peer:
+        onnx_path = Path(folder) / "reference.onnx"
+        if not onnx_path.exists():
+            export_reference_onnx(folder, onnx_path)
+        return PEERS[name](onnx_path, torch.get_num_threads())
+
+    return build
