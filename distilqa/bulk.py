@@ -23,6 +23,8 @@ import contextlib
 import json
 import logging
 import os
+import socket
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -35,8 +37,8 @@ from distilqa.files import open_output, read_pairs, write_jsonl_line
 from distilqa.validate import positive_int
 
 LOCAL = "local"  # the address meaning "start a local Ray instance"
-# Environment for a quiet Ray: no duplicate-log summaries, no usage-statistics notice, and the C++
-# core's log lines (such as a worker's core_worker.cc errors) only at ERROR severity... or none.
+# Environment for a quiet Ray: no duplicate-log summaries, no usage-statistics notice, and only fatal
+# lines from the C++ core (not, e.g., core_worker.cc's note on actors with restartable arguments).
 QUIET_RAY_ENVIRONMENT = {
     "RAY_DEDUP_LOGS": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -169,19 +171,52 @@ def _start_ray(ray: Any, address: str | None, verbose: bool) -> None:
     """``ray.init`` at ``address``; any failure (an unreachable address, a cluster of another Ray
     version, a local start that fails) is one :class:`RayClusterError` line."""
     where = "a local Ray instance" if address == LOCAL else f"the Ray cluster at {address!r}"
+    _check_reachable(address)
     try:
-        ray.init(
-            address=address,  # "local": always a new instance, even where `ray start` left a cluster behind
-            include_dashboard=False,
-            log_to_driver=verbose,  # the workers' own output (Ray's notices, warnings) only when asked for
-            logging_level=logging.INFO if verbose else logging.ERROR,
-            configure_logging=True,
-        )
+        with contextlib.nullcontext() if verbose else _silenced_stderr():
+            ray.init(
+                address=address,  # "local": always a new instance, even where `ray start` left a cluster behind
+                include_dashboard=False,
+                log_to_driver=verbose,  # the workers' own output (Ray's notices, warnings) only when asked for
+                logging_level=logging.INFO if verbose else logging.ERROR,
+                configure_logging=True,
+            )
     except Exception as error:  # Ray raises ConnectionError, RuntimeError, ValueError, ...
         with contextlib.suppress(Exception):
             ray.shutdown()
         reason = " ".join(str(error).split())[:300] or type(error).__name__
         raise RayClusterError(f"could not start or reach {where}: {reason}") from error
+
+
+def _check_reachable(address: str | None, timeout_s: float = 10.0) -> None:
+    """For an address of the form ``[ray://]HOST:PORT``, a :class:`RayClusterError` at once when
+    nothing accepts connections there (Ray itself retries for minutes before giving up)."""
+    host, _, port = (address or "").removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "local", "auto", None: Ray finds or starts the instance itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        raise RayClusterError(
+            f"no Ray cluster answers at {address!r} ({error.strerror or error}); check the address and that "
+            "the cluster is running (`ray status` on its head node)"
+        ) from None
+
+
+@contextlib.contextmanager
+def _silenced_stderr() -> Iterator[None]:
+    """File descriptor 2 to /dev/null inside the block: Ray's C++ core writes its start-up lines
+    there directly (one even says that the log level was set), past Python's logging."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 @contextlib.contextmanager

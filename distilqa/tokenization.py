@@ -110,7 +110,8 @@ class QuestionContextTokenizer:
         """Why this tokenizer cannot feed a model whose embedding table has ``vocab_size`` rows and
         whose padding id is ``pad_token_id``, one sentence each; empty when it fits. Checked: ids
         beyond the table, missing or disagreeing special tokens, and a vocabulary that reads plain
-        English as [UNK] (another model's tokenizer, or a stub)."""
+        English as [UNK] while the model has embeddings for more ids than it has (another model's
+        tokenizer, or a stub; a small vocabulary of the model's own size is taken as meant)."""
         problems = []
         if self.id_count > vocab_size:
             problems.append(
@@ -124,7 +125,7 @@ class QuestionContextTokenizer:
             problems.append(f"the tokenizer's [PAD] is id {pad} but the model's pad_token_id is {pad_token_id}")
         unk = self.tokenizer.token_to_id("[UNK]")
         ids = self.tokenizer.encode(PROBE_TEXT, add_special_tokens=False).ids
-        if unk is not None and 2 * ids.count(unk) > len(ids):
+        if self.id_count < vocab_size and unk is not None and 2 * ids.count(unk) > len(ids):
             problems.append(
                 f"the tokenizer reads {ids.count(unk)} of the {len(ids)} tokens of a plain English sentence as "
                 f"[UNK] ({self.id_count} ids for an embedding table of {vocab_size}): it is not this model's vocabulary"
