@@ -10,6 +10,7 @@ sequence ids, not taken from the sidecar.
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import json
 import re
@@ -258,7 +259,7 @@ def test_without_matplotlib_it_says_what_to_install(small_checkpoint, tmp_path, 
     [(["--head", "2.0"], "head 2.0 does not exist"), (["--head", "one"], "--head takes LAYER.HEAD"), ([], "")],
 )
 def test_user_errors_are_one_line(small_checkpoint, tmp_path, capsys, extra, message):
-    argv = ["explain", "--model", str(small_checkpoint), "--out", str(tmp_path), "--question", QUESTION]
+    argv = ["explain", "--model", str(small_checkpoint), "--out", str(tmp_path / "out"), "--question", QUESTION]
     context = CONTEXT if extra else "   "
     assert main([*argv, "--context", context, *extra]) == 2
     error = capsys.readouterr().err.strip()
@@ -269,7 +270,7 @@ def test_user_errors_are_one_line(small_checkpoint, tmp_path, capsys, extra, mes
 def test_published_size_random_checkpoint(published_checkpoint, tmp_path):
     """The published shape: 6 layers x 12 heads in the grid, numbers equal to a direct forward."""
     answerer = QuestionAnswerer.from_pretrained(published_checkpoint, linear_backend="aten")
-    sidecar = write_explanation(answerer, QUESTION, CONTEXT, tmp_path, label="random weights").explanation
+    sidecar = write_explanation(answerer, QUESTION, CONTEXT, tmp_path / "out", label="random weights").explanation
     weights = torch.tensor(sidecar["attention"]["weights"])
     assert weights.shape[:2] == (6, 12)
     assert len(sidecar["logit_lens"]["layers"]) == 7
@@ -277,7 +278,7 @@ def test_published_size_random_checkpoint(published_checkpoint, tmp_path):
         output = answerer.model(torch.tensor([sidecar["window"]["ids"]]), output_attentions=True)
     direct = torch.stack([a[0] for a in output.attentions])[:, :, sidecar["attention"]["queries"]]
     torch.testing.assert_close(weights, direct[:, :, :, sidecar["attention"]["keys"]], atol=TOLERANCE, rtol=0)
-    with Image.open(io.BytesIO((tmp_path / "attention_grid.png").read_bytes())) as image:
+    with Image.open(io.BytesIO((tmp_path / "out" / "attention_grid.png").read_bytes())) as image:
         assert not_blank(image)[0] > 0.05
 
 
@@ -286,7 +287,7 @@ def test_pruned_heads_are_left_out_not_shifted(small_checkpoint, tmp_path):
     if not hasattr(answerer.model, "prune_heads"):
         pytest.skip("this model has no prune_heads")
     answerer.model.prune_heads({0: [1, 3], 1: [0, 1, 2, 3]})  # layer 1 loses every head
-    sidecar = write_explanation(answerer, QUESTION, CONTEXT, tmp_path).explanation
+    sidecar = write_explanation(answerer, QUESTION, CONTEXT, tmp_path / "out").explanation
     weights = sidecar["attention"]["weights"]
     assert [[cell is None for cell in row] for row in weights] == [[False, True, False, True], [True] * 4]
     with torch.inference_mode():
@@ -296,3 +297,104 @@ def test_pruned_heads_are_left_out_not_shifted(small_checkpoint, tmp_path):
     assert sidecar["selected_head"]["layer"] == 0 and sidecar["selected_head"]["head"] in (0, 2)
     with pytest.raises(ValueError, match=r"head 0\.1 has been pruned"):
         explain(answerer, QUESTION, CONTEXT, head=(0, 1))
+
+
+def truncated(answerer: QuestionAnswerer, blocks: int) -> QuestionAnswerer:
+    """The same answerer with only the model's first ``blocks`` blocks: its output is the span head
+    read after block ``blocks`` (DistilBERT has no final norm), which is what the lens reads there."""
+    model = copy.deepcopy(answerer.model)
+    model.distilbert.transformer.layer = torch.nn.ModuleList(list(model.distilbert.transformer.layer)[:blocks])
+    return QuestionAnswerer(model, answerer.tokenizer)
+
+
+@pytest.mark.parametrize("windows", [{}, {"max_seq_len": 24, "doc_stride": 6}], ids=["one window", "windows"])
+def test_logit_lens_answers_as_the_pipeline_would_at_each_depth(small_checkpoint, windows):
+    """At every depth the lens's answer is the pipeline's own answer from a model cut after that block,
+    so at the last block it is the answer, ranked 1. (The chosen token span need not rank 1 among the
+    raw spans: word alignment and merging equal texts change the order, which the old lens ignored.)"""
+    answerer = QuestionAnswerer.from_pretrained(small_checkpoint, linear_backend="aten")
+    lens = explain(answerer, QUESTION, CONTEXT, **windows)["logit_lens"]
+    answer = answerer(QUESTION, CONTEXT, **windows)
+    for depth in range(len(lens["layers"])):
+        cut = truncated(answerer, depth)(QUESTION, CONTEXT, **windows)
+        assert lens["stage_answer"][depth] == cut["answer"], depth
+        assert lens["stage_score"][depth] == pytest.approx(cut["score"], rel=1e-5), depth
+        assert (lens["answer_rank"][depth] == 1) == (cut["answer"].lower() == answer["answer"].lower()), depth
+    assert lens["answer_rank"][-1] == 1 and lens["answer_score"][-1] == pytest.approx(answer["score"], rel=1e-5)
+
+
+def test_logit_lens_ranks_the_answer_first_where_the_token_span_is_not(small_checkpoint):
+    """The case that misled: the chosen token span is not the best raw span at the last block, yet it
+    is the answer (widened to words, merged with equal texts); the answer's curve says rank 1 there."""
+    answerer = QuestionAnswerer.from_pretrained(small_checkpoint, linear_backend="aten")
+    context = (
+        "The Hubble Space Telescope was launched into low Earth orbit on 24 April 1990 by the Space Shuttle "
+        "Discovery. It is not the first space telescope, but it is one of the largest and most versatile."
+    )
+    questions = ["Which space shuttle carried Hubble into orbit?", "What is Hubble?", "Is it the first?"]
+    span_ranks = []
+    for question in questions:
+        lens = explain(answerer, question, context)["logit_lens"]
+        assert lens["answer_rank"][-1] == 1 and lens["stage_answer"][-1] == answerer(question, context)["answer"]
+        span_ranks.append(lens["span_rank"][-1])
+    assert max(span_ranks) > 1, f"no question shows the difference ({span_ranks}): add others"
+
+
+def test_title_gives_three_significant_digits_and_says_what_the_score_is(explained):
+    from distilqa.explain import _title
+
+    _, sidecar = explained
+    sidecar = {
+        **sidecar,
+        "answer": {**sidecar["answer"], "score": 0.0038372},
+        "span": {**sidecar["span"], "score": 2.5e-5},
+    }
+    title = _title(sidecar)
+    assert "score 0.00384" in title and "summed over" in title and "this span's own 2.5e-05" in title
+
+
+def test_attention_grid_labels_tokens_and_has_a_colour_bar(explained):
+    """Rows labelled with [CLS] and the question's tokens, columns with the context's (thinned, the
+    span's always), and a colour bar."""
+    import matplotlib.pyplot as pyplot
+
+    from distilqa.explain import _draw_attention_grid
+
+    _, sidecar = explained
+    tokens = sidecar["window"]["tokens"]
+    figure = pyplot.figure(figsize=FIGURE_SIZES["attention_grid"], dpi=DPI)
+    try:
+        _draw_attention_grid(figure, sidecar)
+        grid = [ax for ax in figure.axes if ax.get_images()]
+        layers, heads = len(sidecar["attention"]["weights"]), len(sidecar["attention"]["weights"][0])
+        left = [ax for ax in grid if ax.get_subplotspec().colspan.start == 0]
+        bottom = [ax for ax in grid if ax.get_subplotspec().rowspan.start == layers - 1]
+        queries = [tokens[i] for i in sidecar["attention"]["queries"]]
+        for ax in left:
+            labels = [label.get_text() for label in ax.get_yticklabels()]
+            assert labels and set(labels) <= set(queries) and labels[0] == "[CLS]"
+        span = sidecar["span"]
+        span_tokens = [tokens[i] for i in range(span["start_token"], span["end_token"] + 1)]
+        for ax in bottom:
+            labels = [label.get_text() for label in ax.get_xticklabels()]
+            assert 0 < len(labels) <= len(sidecar["attention"]["keys"])
+            assert all(token in labels for token in span_tokens)
+        assert len(left) == layers and len(bottom) == heads
+        assert len(figure.axes) == layers * heads + 1  # the colour bar
+        assert figure.axes[-1].get_ylabel() == "attention weight"
+    finally:
+        pyplot.close(figure)
+
+
+def test_output_folder_follows_the_output_policy(small_checkpoint, tmp_path):
+    """An existing folder is refused (before any work) unless overwrite; then replaced whole."""
+    answerer = QuestionAnswerer.from_pretrained(small_checkpoint, linear_backend="aten")
+    out = tmp_path / "pictures"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already exists; pass --overwrite"):
+        write_explanation(answerer, QUESTION, CONTEXT, out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    result = write_explanation(answerer, QUESTION, CONTEXT, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in result.files.values())
+    assert not [p for p in tmp_path.iterdir() if p.name != "pictures"], "a temporary folder was left behind"
