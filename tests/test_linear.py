@@ -11,6 +11,7 @@ from torch import nn
 from distilqa import DistilBertConfig, DistilBertForQuestionAnswering
 from distilqa import linear as linear_module
 from distilqa.linear import OneDNNLinear, linear_backend, quantize_int8, set_linear_backend
+from distilqa.testing import perturb_biases_and_norms
 
 needs_onednn = pytest.mark.skipif(not linear_module.onednn_available(), reason="this PyTorch has no oneDNN")
 CONFIG = DistilBertConfig(vocab_size=500, dim=64, n_layers=2, n_heads=4, hidden_dim=128)
@@ -19,7 +20,9 @@ CONFIG = DistilBertConfig(vocab_size=500, dim=64, n_layers=2, n_heads=4, hidden_
 @pytest.fixture
 def model() -> DistilBertForQuestionAnswering:
     torch.manual_seed(0)
-    return DistilBertForQuestionAnswering(CONFIG).eval()
+    model = DistilBertForQuestionAnswering(CONFIG).eval()
+    perturb_biases_and_norms(model, seed=0)  # not 0 and 1 as initialised: a backend that drops a bias fails
+    return model
 
 
 def logits(model, ids):
@@ -31,14 +34,45 @@ def logits(model, ids):
 def test_switching_backends_keeps_modules_and_logits(model):
     ids = torch.randint(1, 500, (3, 40))
     expected = logits(model, ids)
-    modules = list(model.modules())
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert set_linear_backend(model, "onednn") == "onednn" and linear_backend(model) == "onednn"
     assert all(type(m) is OneDNNLinear for m in model.modules() if isinstance(m, nn.Linear))
-    assert list(model.modules()) == modules  # the same objects, only their class changed
+    assert [m for m in model.modules() if isinstance(m, nn.Linear)] == linears  # the same objects, new class
     # Measured: 2e-7 at this size; a different GEMM library rounds in a different order.
     assert (logits(model, ids) - expected).abs().max() <= 1e-5
     set_linear_backend(model, "aten")
     assert linear_backend(model) == "aten" and torch.equal(logits(model, ids), expected)
+    assert all(type(block.ffn.activation) is nn.GELU for block in model.distilbert.transformer.layer)
+
+
+@needs_onednn
+def test_gelu_is_fused_into_lin1_bit_for_bit(model):
+    """With "onednn" the FFN's GELU runs as lin1's post-op (the repr shows Identity in its place); the
+    result is the unfused oneDNN result bit for bit, and the state dict is unchanged."""
+    ids = torch.randint(1, 500, (3, 40))
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    set_linear_backend(model, "onednn", fuse_activations=False)
+    unfused = logits(model, ids)
+    set_linear_backend(model, "onednn")
+    ffns = [block.ffn for block in model.distilbert.transformer.layer]
+    assert all(ffn.lin1.post_op == "gelu" and type(ffn.activation) is nn.Identity for ffn in ffns)
+    assert all(ffn.lin2.post_op == "none" for ffn in ffns)
+    assert torch.equal(logits(model, ids), unfused)
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in state.items())
+    calls = []
+    original = torch.ops.mkldnn._linear_pointwise
+
+    def recording(x, weight, bias, attr, scalars, algorithm):
+        calls.append((attr, algorithm))
+        return original(x, weight, bias, attr, scalars, algorithm)
+
+    linear_module.torch.ops.mkldnn._linear_pointwise = recording  # patched where the module reads it
+    try:
+        logits(model, ids)
+    finally:
+        linear_module.torch.ops.mkldnn._linear_pointwise = original
+    assert calls.count(("gelu", "none")) == CONFIG.n_layers  # one fused GEMM per block, exact (erf) GELU
 
 
 @needs_onednn
