@@ -1,8 +1,8 @@
-"""The attention core: softmax(Q Kᵀ / √d) V over the keys a query may see.
+"""Attention cores beside the model's written-out one: softmax(Q Kᵀ / √d) V over the keys a query may see.
 
-Every implementation takes and returns the same shapes, so a model can swap its core by name
-(``"eager"``, ``"sdpa"``, ``"triton"``) or by passing any function with the :data:`AttentionFunction`
-signature:
+The model's own core is :func:`distilqa.model.eager_attention` (``"eager"``), written out step by
+step. The cores here compute the same thing faster, and a model swaps to them by name (``"sdpa"``,
+``"onednn"``, ``"triton"``) or takes any function with the :data:`AttentionFunction` signature:
 
     query, key, value:  (batch, heads, seq, head_dim)
     mask:               None (every key is a real token) or a (batch, 1, 1, seq) bool key mask,
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -34,6 +34,7 @@ class PackedWindows:
     tokens ``offsets[i]:offsets[i + 1]`` are window i. Attention stays inside each window."""
 
     lengths: tuple[int, ...]
+    _cu_seqlens: dict = field(default_factory=dict, repr=False)  # device -> cu_seqlens, see cu_seqlens()
 
     def __post_init__(self) -> None:
         if not self.lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.lengths):
@@ -51,6 +52,14 @@ class PackedWindows:
     def position_ids(self, device: torch.device | str | None = None) -> Tensor:
         """Each token's position inside its own window, counting from 0: (1, total)."""
         return torch.cat([torch.arange(n, device=device) for n in self.lengths])[None, :]
+
+    def cu_seqlens(self, device: torch.device | str) -> Tensor:
+        """``offsets`` as an int32 tensor on ``device`` (the ``cu_seqlens`` of flash-attn's varlen API),
+        made once per device: every layer receives the same windows object."""
+        device = torch.device(device)
+        if device not in self._cu_seqlens:
+            self._cu_seqlens[device] = torch.tensor(self.offsets, dtype=torch.int32, device=device)
+        return self._cu_seqlens[device]
 
     def split(self, tensor: Tensor, dim: int) -> tuple[Tensor, ...]:
         """The per-window pieces of ``tensor`` along its token dimension ``dim`` (views, no copies)."""
@@ -91,27 +100,6 @@ def attend_each_window(
     return context.transpose(1, 2), None  # (1, heads, total, head_dim)
 
 
-def eager_attention(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    mask: AttentionMask,
-    dropout_p: float = 0.0,
-    need_weights: bool = False,
-) -> tuple[Tensor, Tensor | None]:
-    """Attention written out step by step, in the reference's order of operations."""
-    scale = query.size(-1) ** -0.5
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scale  # (batch, heads, seq, seq)
-    if mask is not None:
-        # The dtype's most negative finite value, not -inf: a row whose keys are all padding
-        # then gets uniform weights instead of NaN, in fp32, fp16 and bf16 alike.
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)  # (batch, heads, seq, seq)
-    weights = F.softmax(scores, dim=-1)  # (batch, heads, seq, seq)
-    weights = F.dropout(weights, p=dropout_p, training=dropout_p > 0.0)  # (batch, heads, seq, seq)
-    context = torch.matmul(weights, value)  # (batch, heads, seq, head_dim)
-    return context, (weights if need_weights else None)
-
-
 def sdpa_attention(
     query: Tensor,
     key: Tensor,
@@ -131,6 +119,53 @@ def sdpa_attention(
     return context, None  # (batch, heads, seq, head_dim)
 
 
+def onednn_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: AttentionMask,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Short-window attention for CPU inference: per sequence and head, Q Kᵀ and P V as two oneDNN
+    GEMMs (``torch.ops.mkldnn._linear_pointwise``, the library :mod:`distilqa.linear` uses) over that
+    sequence's real keys only, so padding keys cost nothing. Where it does not apply (gradients,
+    dropout, attention maps, other devices or dtypes, a key mask that is not right padding) it runs
+    :func:`sdpa_attention`, which computes the same thing."""
+    if need_weights or dropout_p > 0.0 or not _onednn_applies(query, key, value):
+        return sdpa_attention(query, key, value, mask, dropout_p, need_weights)
+    batch, heads, seq, head_dim = query.shape
+    lengths = [seq] * batch
+    if mask is not None:
+        keys = mask[:, 0, 0, :].expand(batch, seq)  # (batch, seq)
+        counts = keys.sum(dim=-1)  # (batch,)
+        if not torch.equal(keys, torch.arange(seq, device=keys.device)[None, :] < counts[:, None]):
+            return sdpa_attention(query, key, value, mask, dropout_p, need_weights)  # not right padding
+        lengths = counts.tolist()
+    gemm = torch.ops.mkldnn._linear_pointwise
+    context = query.new_empty(batch, seq, heads, head_dim)  # token-major: merging the heads after is a view
+    query = query * head_dim**-0.5  # (batch, heads, seq, head_dim); 1/8 for head_dim 64: exact
+    for b, n in enumerate(lengths):
+        if n == 0:  # every key is padding: uniform weights over all keys, as the eager core gives
+            context[b] = value[b].mean(dim=1)[None, :, :].expand(seq, heads, head_dim)
+            continue
+        # oneDNN wants its "weight" operand contiguous: one copy per sequence, not per head.
+        q, k, v_t = query[b].contiguous(), key[b, :, :n].contiguous(), value[b, :, :n].transpose(1, 2).contiguous()
+        for h in range(heads):
+            scores = gemm(q[h], k[h], None, "none", [], "")  # (seq, n) = q kᵀ
+            context[b, :, h] = gemm(torch.softmax(scores, dim=-1), v_t[h], None, "none", [], "")  # (seq, head_dim)
+    return context.transpose(1, 2), None  # (batch, heads, seq, head_dim)
+
+
+def _onednn_applies(*tensors: Tensor) -> bool:
+    return (
+        hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16) for t in tensors)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        and not torch.compiler.is_compiling()
+    )
+
+
 def triton_attention(
     query: Tensor,
     key: Tensor,
@@ -139,22 +174,38 @@ def triton_attention(
     dropout_p: float = 0.0,
     need_weights: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """The hand-written FlashAttention kernel of :mod:`distilqa.kernels` (CUDA, or Triton's interpreter)."""
-    from distilqa.kernels import flash_attention  # Triton is optional: imported only when this core runs
+    """The hand-written FlashAttention forward kernel of :mod:`distilqa.kernels` (CUDA, or Triton's
+    interpreter), given plain tensors: a (batch, seq) key mask, or packed windows as ``cu_seqlens``.
 
+    Inference only: the kernel has no backward pass, so it refuses when gradients are required rather
+    than return a result that no gradient flows through. Training runs the "sdpa" core (FlashAttention-2
+    forward and backward on CUDA) or "eager"."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        raise RuntimeError(
+            "the triton attention core is inference-only (no backward kernel), but gradients are required here; "
+            "train or compute head importance with attn_implementation='sdpa' or 'eager', "
+            "or run inference under torch.no_grad()"
+        )
     if need_weights:
         raise ValueError("the triton core does not return attention weights; use attn_implementation='eager'")
     if dropout_p > 0.0:
         raise ValueError("the triton core has no attention dropout; train with attn_implementation='sdpa'")
-    return flash_attention(query, key, value, mask), None
+    from distilqa.kernels import flash_attention  # Triton is optional: imported only when this core runs
+
+    if isinstance(mask, PackedWindows):
+        cu_seqlens = mask.cu_seqlens(query.device)  # (windows + 1,) int32
+        return flash_attention(query, key, value, cu_seqlens=cu_seqlens, max_seqlen=max(mask.lengths)), None
+    key_mask = None if mask is None else mask[:, 0, 0, :]  # (batch or 1, seq) bool
+    return flash_attention(query, key, value, key_mask=key_mask), None
 
 
-triton_attention.handles_packed_windows = True  # reads PackedWindows.offsets as cu_seqlens
+triton_attention.handles_packed_windows = True  # reads PackedWindows as cu_seqlens
 
 
+# The cores by name; "eager", the written-out core, lives with the model (distilqa.model.eager_attention).
 ATTENTION_IMPLEMENTATIONS: dict[str, AttentionFunction] = {
-    "eager": eager_attention,
     "sdpa": sdpa_attention,
+    "onednn": onednn_attention,
     "triton": triton_attention,
 }
 
@@ -166,7 +217,7 @@ def resolve_attention(implementation: str | AttentionFunction) -> AttentionFunct
     try:
         return ATTENTION_IMPLEMENTATIONS[implementation]
     except KeyError:
-        names = ", ".join(repr(name) for name in ATTENTION_IMPLEMENTATIONS)
+        names = ", ".join(repr(name) for name in ("eager", *ATTENTION_IMPLEMENTATIONS))
         raise ValueError(
             f"unknown attention implementation {implementation!r}; expected one of {names} or a callable"
         ) from None

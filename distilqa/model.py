@@ -16,15 +16,16 @@ the answer span.
 Module names mirror the keys of the published checkpoint (``distilbert.transformer.layer.0.
 attention.q_lin.weight``, ...) so its weights load strictly, with no renaming.
 
-This is the only implementation of the network in distilqa. Everything that answers, trains or
-measures runs this module; speed comes from switches on it, each tested for the same logits:
-which attention core (``set_attn_implementation``), which GEMM runs its ``nn.Linear`` layers
-(``set_linear_backend``), which dtype, and whether windows are padded into a batch or packed end
-to end (``window_lengths``, no work spent on padding).
+This is the only implementation of the network in distilqa. Speed comes from switches on this one
+model, each tested for the same logits: the attention core (``set_attn_implementation``: this
+file's written-out :func:`eager_attention`, or a fused core from :mod:`distilqa.attention`), the
+GEMM library of its ``nn.Linear`` layers (``set_linear_backend``, :mod:`distilqa.linear`), the
+dtype, and padded or packed windows (``window_lengths``: no work spent on padding).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,16 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distilqa.attention import (
-    AttentionFunction,
-    AttentionMask,
-    PackedWindows,
-    attend,
-    eager_attention,
-    resolve_attention,
-)
+from distilqa import linear, pruning
+from distilqa.attention import AttentionFunction, AttentionMask, PackedWindows, attend, resolve_attention
 from distilqa.config import DistilBertConfig
-from distilqa.linear import set_linear_backend
+from distilqa.validate import check_model_inputs
 
 
 @dataclass
@@ -59,8 +54,7 @@ def sinusoidal_position_table(n_positions: int, dim: int) -> Tensor:
     position = torch.arange(n_positions, dtype=torch.float64)[:, None]  # (n_positions, 1)
     frequency = 10000.0 ** (-2.0 * (torch.arange(dim, dtype=torch.float64) // 2) / dim)  # (dim,)
     angle = position * frequency  # (n_positions, dim)
-    table = torch.where(torch.arange(dim) % 2 == 0, torch.sin(angle), torch.cos(angle))  # (n_positions, dim)
-    return table.float()
+    return torch.where(torch.arange(dim) % 2 == 0, torch.sin(angle), torch.cos(angle)).float()
 
 
 class Embeddings(nn.Module):
@@ -77,9 +71,27 @@ class Embeddings(nn.Module):
         """position_ids (batch or 1, seq): each token's position; by default 0, 1, ... along the row."""
         if position_ids is None:
             position_ids = torch.arange(input_ids.size(1), device=input_ids.device)[None, :]  # (1, seq)
-        words = self.word_embeddings(input_ids)  # (batch, seq, dim)
-        embeddings = words + self.position_embeddings(position_ids)  # (batch, seq, dim) + (1, seq, dim)
+        embeddings = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)  # (batch, seq, dim)
         return self.dropout(self.LayerNorm(embeddings))  # (batch, seq, dim)
+
+
+def eager_attention(
+    query: Tensor, key: Tensor, value: Tensor, mask: AttentionMask, dropout_p: float = 0.0, need_weights: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """softmax(Q Kᵀ / √d) V, written out step by step in the reference's order of operations.
+
+    query, key, value (batch, heads, seq, head_dim); mask None or a (batch, 1, 1, seq) bool key mask,
+    True at real tokens. Returns the context (batch, heads, seq, head_dim) and, when ``need_weights``,
+    the attention weights (batch, heads, seq, seq). Every other core computes the same thing."""
+    scores = torch.matmul(query, key.transpose(-1, -2)) * query.size(-1) ** -0.5  # (batch, heads, seq, seq)
+    if mask is not None:
+        # The dtype's most negative finite value, not -inf: a row whose keys are all padding then gets
+        # uniform weights instead of NaN, in fp32, fp16 and bf16 alike.
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    weights = F.softmax(scores, dim=-1)  # (batch, heads, seq, seq): each query's weights over the keys
+    weights = F.dropout(weights, p=dropout_p, training=dropout_p > 0.0)
+    context = torch.matmul(weights, value)  # (batch, heads, seq, head_dim): the weighted sum of values
+    return context, (weights if need_weights else None)
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -100,48 +112,23 @@ class MultiHeadSelfAttention(nn.Module):
         self, x: Tensor, mask: AttentionMask, need_weights: bool, head_mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
         """x (batch, seq, dim); mask as in distilqa.attention; head_mask (config.n_heads,), 0 silences a
-        head; it is numbered as in the unpruned layer, so it means the same heads after pruning."""
+        head, numbered as in the unpruned layer."""
         batch, seq, dim = x.shape
         if not self.heads:  # every head pruned: the sub-layer adds only out_lin's bias
             return self.out_lin.bias.expand(batch, seq, dim), None
 
         def split_heads(t: Tensor) -> Tensor:  # (batch, seq, dim) -> (batch, heads, seq, head_dim)
-            return t.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+            return t.view(batch, seq, len(self.heads), self.head_dim).transpose(1, 2)
 
-        query = split_heads(self.q_lin(x))  # (batch, heads, seq, head_dim)
-        key = split_heads(self.k_lin(x))  # (batch, heads, seq, head_dim)
-        value = split_heads(self.v_lin(x))  # (batch, heads, seq, head_dim)
-        # Attention maps always come from the written-out core: fused kernels do not return them.
+        query, key, value = split_heads(self.q_lin(x)), split_heads(self.k_lin(x)), split_heads(self.v_lin(x))
+        # Attention maps always come from the written-out core: fused cores do not return them.
         core = eager_attention if need_weights else self.attention_function
         dropout_p = self.dropout_p if self.training else 0.0
         context, weights = attend(core, query, key, value, mask, dropout_p, need_weights)  # (batch, heads, seq, hd)
         if head_mask is not None:  # scaling a head's output scales its attention weights (Michel et al. 2019)
-            head_mask = head_mask[self.heads] if len(self.heads) < head_mask.numel() else head_mask  # (heads,)
-            context = context * head_mask[None, :, None, None].to(context.dtype)  # (batch, heads, seq, head_dim)
-        context = context.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)  # heads concatenated
+            context = context * pruning.heads_present(head_mask, self.heads)[None, :, None, None].to(context.dtype)
+        context = context.transpose(1, 2).reshape(batch, seq, len(self.heads) * self.head_dim)  # heads side by side
         return self.out_lin(context), weights  # (batch, seq, dim), (batch, heads, seq, seq) or None
-
-    @property
-    def n_heads(self) -> int:
-        return len(self.heads)
-
-    def prune_heads(self, heads: Iterable[int]) -> None:
-        """Remove heads for good (numbered as in the unpruned layer; ones already gone are skipped):
-        their rows of q_lin, k_lin, v_lin (dim -> heads * head_dim) and columns of out_lin."""
-        removed = set(heads)
-        kept = [i for i, head in enumerate(self.heads) if head not in removed]  # positions among current heads
-        if len(kept) == len(self.heads):
-            return
-        first = torch.tensor(kept, dtype=torch.long, device=self.q_lin.weight.device)[:, None] * self.head_dim
-        features = (first + torch.arange(self.head_dim, device=first.device)).flatten()  # (kept * head_dim,)
-        with torch.no_grad():  # new parameters in the same modules, so linear backends and hooks stay
-            for linear in (self.q_lin, self.k_lin, self.v_lin):
-                linear.weight = nn.Parameter(linear.weight[features].clone())  # (kept * head_dim, dim)
-                linear.bias = nn.Parameter(linear.bias[features].clone())  # (kept * head_dim,)
-                linear.out_features = len(features)
-            self.out_lin.weight = nn.Parameter(self.out_lin.weight[:, features].clone())  # (dim, kept * head_dim)
-            self.out_lin.in_features = len(features)
-        self.heads = [self.heads[i] for i in kept]
 
 
 class FFN(nn.Module):
@@ -150,8 +137,10 @@ class FFN(nn.Module):
     def __init__(self, config: DistilBertConfig):
         super().__init__()
         self.lin1 = nn.Linear(config.dim, config.hidden_dim)
+        # A module, so that a GEMM backend can fuse it into lin1 and show it (Identity after lin1 with
+        # the activation as its post-op); exact (erf) GELU.
+        self.activation = nn.GELU() if config.activation == "gelu" else nn.ReLU()
         self.lin2 = nn.Linear(config.hidden_dim, config.dim)
-        self.activation = F.gelu if config.activation == "gelu" else F.relu  # exact (erf) GELU
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -214,12 +203,9 @@ class DistilBertModel(nn.Module):
         x = self.embeddings(input_ids, position_ids)  # (batch, seq, dim)
         hidden_states, attentions = [x] if output_hidden_states else [], []
         for i, block in enumerate(self.transformer.layer):
-            layer_head_mask = None if head_mask is None else head_mask[i]  # (heads,)
-            x, weights = block(x, mask, output_attentions, layer_head_mask)  # (batch, seq, dim)
-            if output_hidden_states:
-                hidden_states.append(x)
-            if output_attentions:
-                attentions.append(weights)
+            x, weights = block(x, mask, output_attentions, None if head_mask is None else head_mask[i])
+            hidden_states += [x] if output_hidden_states else []
+            attentions += [weights] if output_attentions else []
         return x, tuple(hidden_states), tuple(attentions)
 
 
@@ -228,12 +214,12 @@ class DistilBertForQuestionAnswering(nn.Module):
 
     def __init__(self, config: DistilBertConfig | None = None, attn_implementation: str | AttentionFunction = "sdpa"):
         super().__init__()
-        self.config = config = config or DistilBertConfig()
+        # The model's own copy: pruning records itself there, never in the caller's config object.
+        self.config = config = copy.deepcopy(config) if config is not None else DistilBertConfig()
         self.distilbert = DistilBertModel(config)
         self.dropout = nn.Dropout(config.qa_dropout)
         self.qa_outputs = nn.Linear(config.dim, 2)
         self.set_attn_implementation(attn_implementation)
-        self.linear_backend = "aten"
         self.apply(self._init_weights)
         self.prune_heads(config.pruned_heads)  # a pruned checkpoint's config builds its pruned shapes
 
@@ -248,44 +234,6 @@ class DistilBertForQuestionAnswering(nn.Module):
         if isinstance(module, Embeddings) and self.config.sinusoidal_pos_embds:
             table = sinusoidal_position_table(self.config.max_position_embeddings, self.config.dim)
             module.position_embeddings.weight.data.copy_(table)
-
-    def set_attn_implementation(self, implementation: str | AttentionFunction) -> None:
-        """Swap the attention core of every layer: ``"eager"``, ``"sdpa"`` or an attention function."""
-        function = resolve_attention(implementation)
-        self.attn_implementation = implementation if isinstance(implementation, str) else function.__name__
-        for block in self.distilbert.transformer.layer:
-            block.attention.attention_function = function
-
-    def prune_heads(self, heads_to_prune: dict[int, Iterable[int]]) -> None:
-        """Remove attention heads for good, ``{layer: [heads]}`` numbered as in the unpruned model
-        (as transformers v4 did). The model then computes what it computed with those heads masked
-        (``head_mask`` 0), with smaller matrices; ``config.pruned_heads`` records them, so
-        ``save_pretrained`` / ``from_pretrained`` round-trip the pruned model."""
-        layers = self.distilbert.transformer.layer
-        for layer, heads in heads_to_prune.items():
-            if not 0 <= int(layer) < len(layers):
-                raise ValueError(f"cannot prune heads of layer {layer}: the model has layers 0..{len(layers) - 1}")
-            heads = {int(head) for head in heads}
-            if bad := sorted(head for head in heads if not 0 <= head < self.config.n_heads):
-                raise ValueError(f"cannot prune heads {bad} of layer {layer}: heads are 0..{self.config.n_heads - 1}")
-            layers[int(layer)].attention.prune_heads(heads)
-            pruned = set(self.config.pruned_heads.get(int(layer), [])) | heads
-            self.config.pruned_heads[int(layer)] = sorted(pruned)
-
-    def set_linear_backend(self, backend: str = "auto") -> str:
-        """Which GEMM runs every ``nn.Linear``: "aten" (PyTorch's default), "onednn", or "auto" (the
-        faster of the two on this machine, measured once). Returns the backend chosen. The float32
-        logits agree within 1e-5 whichever runs; see distilqa.linear."""
-        self.linear_backend = set_linear_backend(self, backend)
-        return self.linear_backend
-
-    def compile_blocks(self) -> None:
-        """``torch.compile`` each transformer block in place, with dynamic shapes, so that new batch
-        sizes and sequence lengths reuse the compiled code. The per-window loop of packed attention
-        stays outside the graphs (``attend_each_window`` is not compiled), so new window lengths never
-        recompile. The blocks keep their parameters: training and weight updates still show."""
-        for block in self.distilbert.transformer.layer:
-            block.compile(dynamic=True)
 
     def forward(
         self,
@@ -303,9 +251,9 @@ class DistilBertForQuestionAnswering(nn.Module):
         head_mask (heads,) or (n_layers, heads), 1 keeps a head and 0 removes its contribution;
         window_lengths: the input is one row (1, seq) of windows of these lengths laid end to end,
         each attending only to itself with positions counted from its own start (no padding)."""
-        self._check_inputs(input_ids, attention_mask, window_lengths)
+        check_model_inputs(input_ids, attention_mask, window_lengths, self.config.max_position_embeddings)
         if head_mask is not None:
-            head_mask = self._expand_head_mask(head_mask)  # (n_layers, heads)
+            head_mask = pruning.expand_head_mask(head_mask, self.config.n_layers, self.config.n_heads)
         x, hidden_states, attentions = self.distilbert(
             input_ids, attention_mask, output_hidden_states, output_attentions, head_mask, window_lengths
         )  # (batch, seq, dim)
@@ -315,52 +263,43 @@ class DistilBertForQuestionAnswering(nn.Module):
         if start_positions is not None and end_positions is not None:
             loss = span_loss(start_logits, end_logits, start_positions, end_positions)
         return QuestionAnsweringOutput(
-            start_logits=start_logits.contiguous(),
-            end_logits=end_logits.contiguous(),
-            loss=loss,
-            hidden_states=hidden_states or None,
-            attentions=attentions or None,
+            start_logits.contiguous(), end_logits.contiguous(), loss, hidden_states or None, attentions or None
         )
 
-    def _expand_head_mask(self, head_mask: Tensor) -> Tensor:
-        """(heads,) for every layer, or (n_layers, heads) -> (n_layers, heads)."""
-        layers, heads = self.config.n_layers, self.config.n_heads
-        if head_mask.dim() == 1:
-            head_mask = head_mask[None, :].expand(layers, -1)
-        if head_mask.shape != (layers, heads):
-            raise ValueError(
-                f"head_mask must have shape ({heads},) or ({layers}, {heads}), got {tuple(head_mask.shape)}"
-            )
-        return head_mask
+    # Switches: each changes how this model computes, never what (tested for the same logits).
 
-    def _check_inputs(
-        self, input_ids: Tensor, attention_mask: Tensor | None, window_lengths: Sequence[int] | None = None
-    ) -> None:
-        if input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
-            raise ValueError(
-                f"input_ids must be an integer tensor (batch, seq), got {input_ids.dtype} {tuple(input_ids.shape)}"
-            )
-        if window_lengths is not None:
-            if input_ids.size(0) != 1 or sum(window_lengths) != input_ids.size(1) or attention_mask is not None:
-                raise ValueError(
-                    f"packed windows are one row (1, seq) with seq = sum(window_lengths) and no attention_mask; "
-                    f"got input_ids {tuple(input_ids.shape)} for lengths summing to {sum(window_lengths)}"
-                )
-            if max(window_lengths) > self.config.max_position_embeddings:
-                raise ValueError(
-                    f"a window of {max(window_lengths)} tokens is longer than the model's "
-                    f"{self.config.max_position_embeddings} positions"
-                )
-            return
-        if input_ids.size(1) > self.config.max_position_embeddings:
-            raise ValueError(
-                f"sequence of {input_ids.size(1)} tokens is longer than the model's "
-                f"{self.config.max_position_embeddings} positions; split it into windows"
-            )
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
-            )
+    def set_attn_implementation(self, implementation: str | AttentionFunction) -> None:
+        """Swap the attention core of every layer: ``"eager"`` (:func:`eager_attention`), a core of
+        :mod:`distilqa.attention` by name (``"sdpa"``, ``"onednn"``, ``"triton"``), or any function
+        with the same signature."""
+        function = eager_attention if implementation == "eager" else resolve_attention(implementation)
+        self.attn_implementation = implementation if isinstance(implementation, str) else function.__name__
+        for block in self.distilbert.transformer.layer:
+            block.attention.attention_function = function
+
+    def set_linear_backend(self, backend: str = "auto") -> str:
+        """Which GEMM runs every ``nn.Linear`` ("aten", "onednn" or "auto"); see :mod:`distilqa.linear`.
+        Returns the backend chosen."""
+        return linear.set_linear_backend(self, backend)
+
+    @property
+    def linear_backend(self) -> str:
+        return linear.linear_backend(self)
+
+    def compile_blocks(self) -> None:
+        """``torch.compile`` each block in place with dynamic shapes (parameters shared, so training and
+        weight updates still show); packed attention's per-window loop stays outside the graphs."""
+        for block in self.distilbert.transformer.layer:
+            block.compile(dynamic=True)
+
+    def prune_heads(self, heads_to_prune: dict[int, Iterable[int]]) -> None:
+        """Remove attention heads for good, ``{layer: [heads]}`` numbered as in the unpruned model; the
+        model then computes what it computed with them masked. ``self.config.pruned_heads`` records
+        them, so save_pretrained / from_pretrained round-trip the pruned model. See distilqa.pruning."""
+        layers = self.distilbert.transformer.layer
+        for layer, heads in pruning.check_heads_to_prune(heads_to_prune, len(layers), self.config.n_heads).items():
+            pruning.prune_attention_heads(layers[layer].attention, heads)
+            self.config.pruned_heads[layer] = sorted(set(self.config.pruned_heads.get(layer, [])) | heads)
 
     @property
     def device(self) -> torch.device:
@@ -381,10 +320,8 @@ class DistilBertForQuestionAnswering(nn.Module):
         linear_backend: str = "aten",
     ) -> DistilBertForQuestionAnswering:
         """Load a checkpoint folder (config.json + safetensors) or a hub repo id, in eval mode.
-
-        ``dtype``: None or float32 (exact), bfloat16, float16, or "auto" (bfloat16 where the
-        hardware multiplies it natively, see distilqa.hardware). ``linear_backend``: see
-        :meth:`set_linear_backend`; the default "aten" reproduces transformers bit for bit."""
+        ``dtype``: None/float32 (exact), bfloat16, float16, or "auto" (see distilqa.hardware);
+        ``linear_backend``: the default "aten" reproduces transformers bit for bit."""
         from distilqa.hardware import resolve_dtype
         from distilqa.weights import load_pretrained
 

@@ -37,3 +37,32 @@ def one_of(name: str, value: Any, choices: Iterable[Any]) -> Any:
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(repr(c) for c in choices)}")
     return value
+
+
+def check_model_inputs(input_ids: Any, attention_mask: Any, window_lengths: Any, max_positions: int) -> None:
+    """The model's input contract, as one ValueError naming what is wrong: ``input_ids`` an integer
+    tensor (batch, seq) of at most ``max_positions`` tokens per sequence; ``attention_mask`` None or
+    of the same shape; or packed windows: one row (1, sum(window_lengths)) and no attention_mask."""
+    if input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+        raise ValueError(
+            f"input_ids must be an integer tensor (batch, seq), got {input_ids.dtype} {tuple(input_ids.shape)}"
+        )
+    if window_lengths is not None:
+        total = sum(window_lengths)
+        if input_ids.size(0) != 1 or total != input_ids.size(1) or attention_mask is not None:
+            raise ValueError(
+                "packed windows are one row (1, seq) with seq = sum(window_lengths) and no attention_mask; "
+                f"got input_ids {tuple(input_ids.shape)} for lengths summing to {total}"
+            )
+        longest = max(window_lengths)
+    else:
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
+            )
+        longest = input_ids.size(1)
+    if longest > max_positions:
+        raise ValueError(
+            f"a sequence of {longest} tokens is longer than the model's {max_positions} positions; "
+            "split it into windows"
+        )

@@ -10,12 +10,13 @@ from distilqa.attention import (
     ATTENTION_IMPLEMENTATIONS,
     PackedWindows,
     attend,
-    eager_attention,
+    onednn_attention,
     resolve_attention,
     sdpa_attention,
 )
+from distilqa.model import eager_attention
 
-CORES = {"eager": eager_attention, "sdpa": sdpa_attention}
+CORES = {"eager": eager_attention, "sdpa": sdpa_attention, "onednn": onednn_attention}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TINY = dict(vocab_size=1000, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=64)
 
@@ -109,15 +110,16 @@ def test_padding_keys_do_not_change_the_result():
 @pytest.mark.parametrize("core_name", list(CORES))
 def test_all_padding_row_attends_uniformly_and_length_one(core_name, dtype):
     """The documented behaviour (README, attention.py) of a row whose keys are all padding, never NaN:
-    the eager core gives it uniform weights over every key (its context is the mean of the values);
-    the sdpa core lets it attend to every key as if unmasked."""
+    the eager and onednn cores give it uniform weights over every key (its context is the mean of the
+    values); the sdpa core (and onednn where it hands over to sdpa) lets it attend to every key as if
+    unmasked."""
     core = CORES[core_name]
     q, k, v = random_qkv(batch=3, seq=7, dtype=dtype)
     mask = key_mask_from_lengths([7, 0, 2], 7)  # row 1: every key is padding
     context, _ = core(q, k, v, mask)
     assert context.dtype == dtype
     assert torch.isfinite(context).all()
-    if core_name == "eager":
+    if core_name == "eager" or (core_name == "onednn" and dtype != torch.float16):  # fp16: onednn runs sdpa
         expected = v[1].float().mean(dim=-2, keepdim=True).expand(4, 7, 16)  # (heads, seq, head_dim)
     else:
         expected = attention_by_definition(q[1:2].float(), k[1:2].float(), v[1:2].float(), [7])[0][0].float()
@@ -155,9 +157,9 @@ def test_sdpa_refuses_to_return_weights():
 
 
 def test_resolve_attention_by_name_and_callable():
-    assert resolve_attention("eager") is eager_attention
     assert resolve_attention("sdpa") is sdpa_attention
-    assert set(ATTENTION_IMPLEMENTATIONS) >= {"eager", "sdpa"}
+    assert resolve_attention("onednn") is onednn_attention
+    assert set(ATTENTION_IMPLEMENTATIONS) >= {"sdpa", "onednn", "triton"}
 
     def custom(query, key, value, key_mask, dropout_p=0.0, need_weights=False):
         return eager_attention(query, key, value, key_mask, dropout_p, need_weights)

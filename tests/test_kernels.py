@@ -26,8 +26,9 @@ import torch
 pytest.importorskip("triton", reason="Triton is not installed (pip install triton, or the 'test' extra)")
 
 from distilqa import DistilBertConfig, DistilBertForQuestionAnswering
-from distilqa.attention import PackedWindows, attend, eager_attention, resolve_attention
+from distilqa.attention import PackedWindows, attend, resolve_attention
 from distilqa.kernels import flash_attention, interpreting
+from distilqa.model import eager_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 INTERPRETER = interpreting()
@@ -81,6 +82,15 @@ def key_mask_from_lengths(lengths, seq):
     return (torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :]
 
 
+def kernel(query, key, value, mask, **settings):
+    """The kernel given the model's mask types, converted to its plain tensors as the triton core does."""
+    if isinstance(mask, PackedWindows):
+        return flash_attention(
+            query, key, value, cu_seqlens=mask.cu_seqlens(query.device), max_seqlen=max(mask.lengths), **settings
+        )
+    return flash_attention(query, key, value, key_mask=None if mask is None else mask[:, 0, 0, :], **settings)
+
+
 def eager(query, key, value, mask):
     """The eager core's context, packed windows included (run window by window)."""
     return attend(eager_attention, query, key, value, mask)[0]
@@ -98,7 +108,7 @@ def max_diff(a, b) -> float:
 def test_no_mask_matches_eager_fp32(seq):
     """seq 1 (one key), 16 (one full tile), 45 (three tiles, the last one partial)."""
     q, k, v = random_qkv(batch=2, heads=2, seq=seq)
-    context = flash_attention(q, k, v, None)
+    context = flash_attention(q, k, v)
     assert context.shape == (2, 2, seq, 64) and context.dtype == torch.float32
     assert context.transpose(1, 2).is_contiguous(), "heads merge without a copy"
     assert max_diff(context, eager(q, k, v, None)) <= FP32_TOLERANCE
@@ -109,10 +119,10 @@ def test_padding_matches_eager_fp32():
     """Rows of 40, 23, 17 and 1 real keys out of 40 (several tiles, partial ones, a length-1 row)."""
     q, k, v = random_qkv(batch=4, heads=2, seq=40, seed=1)
     mask = key_mask_from_lengths([40, 23, 17, 1], 40)
-    context = flash_attention(q, k, v, mask)
+    context = kernel(q, k, v, mask)
     assert max_diff(context, eager(q, k, v, mask)) <= FP32_TOLERANCE
     # The padded row gives what the same row without its padding gives.
-    short = flash_attention(q[1:2, :, :23], k[1:2, :, :23], v[1:2, :, :23], None)
+    short = kernel(q[1:2, :, :23], k[1:2, :, :23], v[1:2, :, :23], None)
     assert max_diff(context[1:2, :, :23], short) <= FP32_TOLERANCE
 
 
@@ -124,7 +134,7 @@ def test_padding_first_is_forgotten_when_real_keys_come_later():
     mask = torch.zeros(2, 1, 1, 40, dtype=torch.bool)
     mask[0, ..., 20:] = True
     mask[1, ..., ::3] = True
-    context = flash_attention(q, k, v, mask)
+    context = kernel(q, k, v, mask)
     assert max_diff(context, eager(q, k, v, mask)) <= FP32_TOLERANCE
 
 
@@ -135,7 +145,7 @@ def test_a_row_of_only_padding_gets_the_eager_cores_uniform_weights():
     as the eager core (masked_fill with finfo.min) gives; never NaN."""
     q, k, v = random_qkv(batch=3, heads=2, seq=37, seed=3)
     mask = key_mask_from_lengths([37, 0, 5], 37)
-    context = flash_attention(q, k, v, mask)
+    context = kernel(q, k, v, mask)
     mean_of_all_values = v[1].mean(dim=1, keepdim=True).expand(2, 37, 64)  # (heads, seq, head_dim)
     assert max_diff(context[1], mean_of_all_values) <= FP32_TOLERANCE
     assert max_diff(context, eager(q, k, v, mask)) <= FP32_TOLERANCE
@@ -147,11 +157,11 @@ def test_packed_windows_match_eager_fp32():
     """Windows of 1, 17, 16, 33 and 5 tokens (length 1, one full tile, partial tiles) in one row."""
     windows = PackedWindows((1, 17, 16, 33, 5))
     q, k, v = random_qkv(batch=1, heads=2, seq=windows.total, seed=4)
-    context = flash_attention(q, k, v, windows)
+    context = kernel(q, k, v, windows)
     assert context.shape == (1, 2, 72, 64)
     assert max_diff(context, eager(q, k, v, windows)) <= FP32_TOLERANCE
     # Attention stays inside each window: the window of 33 alone gives the same.
-    alone = flash_attention(q[:, :, 34:67], k[:, :, 34:67], v[:, :, 34:67], None)
+    alone = kernel(q[:, :, 34:67], k[:, :, 34:67], v[:, :, 34:67], None)
     assert max_diff(context[:, :, 34:67], alone) <= FP32_TOLERANCE
 
 
@@ -161,7 +171,7 @@ def test_tile_sizes_and_head_dim_32_do_not_change_the_result():
     mask = key_mask_from_lengths([50, 31], 50)
     expected = eager(q, k, v, mask)
     for block_m, block_n in ((16, 32), (32, 16), (64, 64)):
-        context = flash_attention(q, k, v, mask, block_m=block_m, block_n=block_n)
+        context = kernel(q, k, v, mask, block_m=block_m, block_n=block_n)
         assert max_diff(context, expected) <= FP32_TOLERANCE, (block_m, block_n)
 
 
@@ -179,7 +189,7 @@ def test_half_precision_matches_eager(dtype):
     windows = PackedWindows((1, 17, 22))
     for inputs, m in (((q, k, v), mask), ((q[:1], k[:1], v[:1]), windows)):
         low = [t.to(dtype) for t in inputs]
-        context = flash_attention(*low, m)
+        context = kernel(*low, m)
         assert context.dtype == dtype and torch.isfinite(context).all()
         assert max_diff(context, eager(*low, m)) <= tolerance
         assert max_diff(context, eager(*(t.float() for t in low), m)) <= tolerance
@@ -245,22 +255,47 @@ def test_pipeline_with_the_triton_core_gives_the_eager_answers(tmp_path):
 def test_cpu_tensors_outside_the_interpreter_say_what_to_do():
     q, k, v = random_qkv(batch=1, heads=1, seq=4)
     with pytest.raises(ValueError, match=r"CUDA tensors.*attn_implementation='sdpa'.*TRITON_INTERPRET=1"):
-        flash_attention(q, k, v, None)
+        flash_attention(q, k, v)
 
 
 @pytest.mark.usefixtures("in_the_interpreter")
 def test_bad_inputs_are_refused_clearly():
     q, k, v = random_qkv(batch=2, heads=1, seq=4)
     with pytest.raises(ValueError, match="head_dim in"):
-        flash_attention(*(t[..., :48] for t in (q, k, v)), None)
+        flash_attention(*(t[..., :48] for t in (q, k, v)))
     with pytest.raises(ValueError, match="one dtype"):
-        flash_attention(q, k.half(), v, None)
-    with pytest.raises(ValueError, match=r"bool tensor \(batch, 1, 1, seq\)"):
-        flash_attention(q, k, v, torch.ones(2, 4, dtype=torch.bool))
+        flash_attention(q, k.half(), v)
+    with pytest.raises(ValueError, match=r"bool tensor \(batch, seq\)"):
+        flash_attention(q, k, v, key_mask=torch.ones(2, 1, 1, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="packed windows need batch 1"):
-        flash_attention(q, k, v, PackedWindows((2, 2)))
+        flash_attention(q, k, v, cu_seqlens=torch.tensor([0, 2, 4], dtype=torch.int32), max_seqlen=2)
+    with pytest.raises(ValueError, match="not both"):
+        flash_attention(
+            q[:1],
+            k[:1],
+            v[:1],
+            key_mask=torch.ones(1, 4, dtype=torch.bool),
+            cu_seqlens=torch.tensor([0, 4], dtype=torch.int32),
+            max_seqlen=4,
+        )
     with pytest.raises(ValueError, match="no attention dropout"):
         resolve_attention("triton")(q, k, v, None, dropout_p=0.1)
+
+
+def test_training_with_the_triton_core_is_refused_not_silently_gradient_free():
+    """The kernel has no backward: a forward whose result needs gradients must not run (no gradient
+    would reach q_lin, k_lin, v_lin); the error names the cores that train. Checked before Triton is
+    needed, so it holds in any process."""
+    model = DistilBertForQuestionAnswering(
+        DistilBertConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, hidden_dim=64)
+    )
+    model.set_attn_implementation("triton")
+    ids = torch.randint(1, 50, (2, 6))
+    with pytest.raises(RuntimeError, match=r"inference-only.*'sdpa' or 'eager'"):
+        model(ids, start_positions=torch.tensor([1, 2]), end_positions=torch.tensor([2, 3])).loss.backward()
+    head_mask = torch.ones(2, requires_grad=True)  # head importance differentiates through a head mask
+    with pytest.raises(RuntimeError, match="inference-only"):
+        model.eval()(ids, head_mask=head_mask)
 
 
 # -- the GPU build, checked without a GPU -------------------------------------------------------------

@@ -17,9 +17,8 @@ import torch
 import torch._dynamo
 
 from distilqa import DistilBertForQuestionAnswering
-from distilqa.attention import eager_attention
 from distilqa.linear import LINEAR_BACKENDS, linear_backend, onednn_available
-from distilqa.model import TransformerBlock
+from distilqa.model import TransformerBlock, eager_attention
 from distilqa.pipeline import QuestionAnswerer
 
 # Measured on this project's CPUs at the published configuration: packed vs padded vs one by one

@@ -20,16 +20,17 @@ the last tile, O / l is exactly softmax(s) V, and the (seq, seq) score matrix ne
 memory. The kernel works in base 2 (exp2, with log2(e) folded into the scale), which is the same
 computation: exp(x) = 2^(x log2 e).
 
-Masks, as :mod:`distilqa.attention` defines them:
+Which keys a query sees (plain tensors, as in flash-attn's API; :mod:`distilqa.attention` converts
+the model's masks to them):
 
-* None: every key of the row.
-* A bool key mask (batch, 1, 1, seq), True at real tokens: a padding key scores ``PADDING_SCORE``
+* neither ``key_mask`` nor ``cu_seqlens``: every key of the row.
+* ``key_mask`` (batch or 1, seq) bool, True at real tokens: a padding key scores ``PADDING_SCORE``
   (a finite, very negative number, like the eager core's ``finfo.min``), so it gets weight exactly 0
   as soon as one real key has been seen (α then zeroes what padding contributed before). A query
   whose keys are *all* padding therefore gets uniform weights over all ``seq`` keys of its row, i.e.
   the mean of every value vector, padding included: the eager core's result, not NaN.
-* :class:`~distilqa.attention.PackedWindows`: batch 1, windows laid end to end; their offsets are the
-  ``cu_seqlens`` of flash-attn's variable-length API. Each program handles one query tile of one
+* ``cu_seqlens`` (windows + 1,) int32 with ``max_seqlen``: batch 1, windows laid end to end, as in
+  flash-attn's variable-length API. Each program handles one query tile of one
   window and reads only that window's keys, so no score crosses windows and no padding is computed.
 
 Tensors run on CUDA, or on CPU in Triton's interpreter (``TRITON_INTERPRET=1``, slow, for tests).
@@ -39,13 +40,10 @@ from __future__ import annotations
 
 import math
 import os
-import weakref
 from typing import Any
 
 import torch
 from torch import Tensor
-
-from distilqa.attention import AttentionMask, PackedWindows
 
 try:
     import triton
@@ -221,19 +219,15 @@ def _kernel(interpret: bool) -> Any:
     return _KERNELS[interpret]
 
 
-# cu_seqlens of each PackedWindows on each device, made once: the model passes the same windows
-# object to all its layers, and a host-to-device copy per layer would cost a synchronisation each.
-_CU_SEQLENS: weakref.WeakKeyDictionary[PackedWindows, dict[torch.device, Tensor]] = weakref.WeakKeyDictionary()
-
-
-def _cu_seqlens(windows: PackedWindows, device: torch.device) -> Tensor:
-    by_device = _CU_SEQLENS.setdefault(windows, {})
-    if device not in by_device:
-        by_device[device] = torch.tensor(windows.offsets, dtype=torch.int32, device=device)  # (windows + 1,)
-    return by_device[device]
-
-
-def _check_inputs(query: Tensor, key: Tensor, value: Tensor, mask: AttentionMask, interpret: bool) -> None:
+def _check_inputs(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_mask: Tensor | None,
+    cu_seqlens: Tensor | None,
+    max_seqlen: int | None,
+    interpret: bool,
+) -> None:
     if not (query.shape == key.shape == value.shape) or query.dim() != 4:
         raise ValueError(
             "flash_attention expects query, key and value of one shape (batch, heads, seq, head_dim), got "
@@ -259,33 +253,40 @@ def _check_inputs(query: Tensor, key: Tensor, value: Tensor, mask: AttentionMask
             "before Triton is first imported)"
         )
     batch, _, seq, _ = query.shape
-    if isinstance(mask, PackedWindows):
-        if batch != 1 or mask.total != seq:
+    if cu_seqlens is not None:
+        if key_mask is not None:
+            raise ValueError("pass a key_mask or cu_seqlens, not both")
+        if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.device != query.device:
             raise ValueError(
-                f"packed windows need batch 1 and seq = sum of the window lengths ({mask.total}); "
-                f"got batch {batch}, seq {seq}"
+                f"cu_seqlens must be an int32 vector on {query.device}, got {cu_seqlens.dtype} {cu_seqlens}"
             )
-    elif mask is not None:
+        if batch != 1 or int(cu_seqlens[-1]) != seq or max_seqlen is None:
+            raise ValueError(
+                f"packed windows need batch 1, seq = cu_seqlens[-1] ({int(cu_seqlens[-1])}) and max_seqlen; "
+                f"got batch {batch}, seq {seq}, max_seqlen {max_seqlen}"
+            )
+    elif key_mask is not None:
         if (
-            not isinstance(mask, Tensor)
-            or mask.dtype != torch.bool
-            or mask.dim() != 4
-            or mask.shape[1:] != (1, 1, seq)
-            or mask.size(0) not in (1, batch)
+            key_mask.dtype != torch.bool
+            or key_mask.dim() != 2
+            or key_mask.size(1) != seq
+            or key_mask.size(0) not in (1, batch)
         ):
-            described = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
             raise ValueError(
-                f"the key mask must be a bool tensor (batch, 1, 1, seq) = ({batch}, 1, 1, {seq}), got {described}"
+                f"the key mask must be a bool tensor (batch, seq) = ({batch}, {seq}), got {key_mask.dtype} "
+                f"{tuple(key_mask.shape)}"
             )
-        if mask.device != query.device:
-            raise ValueError(f"the key mask is on {mask.device} but the queries are on {query.device}")
+        if key_mask.device != query.device:
+            raise ValueError(f"the key mask is on {key_mask.device} but the queries are on {query.device}")
 
 
 def flash_attention(
     query: Tensor,
     key: Tensor,
     value: Tensor,
-    mask: AttentionMask = None,
+    key_mask: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: int | None = None,
     *,
     block_m: int | None = None,
     block_n: int | None = None,
@@ -294,8 +295,9 @@ def flash_attention(
     """softmax(Q Kᵀ / sqrt(head_dim)) V, bidirectional, by the Triton kernel above.
 
     query, key, value: (batch, heads, seq, head_dim), one dtype (fp32, fp16, bf16), head_dim 16-128 (a
-    power of two), any strides (the model's transposed views are read in place). ``mask``: None, a
-    bool key mask (batch, 1, 1, seq) True at real tokens, or PackedWindows (batch 1). ``block_m`` /
+    power of two), any strides (the model's transposed views are read in place). ``key_mask``: None or
+    (batch or 1, seq) bool, True at real tokens; or ``cu_seqlens`` (windows + 1,) int32 window offsets
+    with ``max_seqlen`` the longest window, for packed windows (batch 1). ``block_m`` /
     ``block_n``: the tile sizes B_r / B_c (powers of two >= 16; default 128 / 64 on CUDA, 16 in the
     interpreter); ``num_warps``: warps per program on CUDA (default 8 for 128-row tiles, else 4).
 
@@ -303,7 +305,7 @@ def flash_attention(
     a contiguous (batch, seq, heads, head_dim) tensor: merging the heads after it needs no copy.
     """
     interpret = interpreting()
-    _check_inputs(query, key, value, mask, interpret)
+    _check_inputs(query, key, value, key_mask, cu_seqlens, max_seqlen, interpret)
     batch, heads, seq, head_dim = query.shape
     output = torch.empty(batch, seq, heads, head_dim, dtype=query.dtype, device=query.device).transpose(1, 2)
     if output.numel() == 0:
@@ -317,13 +319,12 @@ def flash_attention(
     # The kernel steps along head_dim with stride 1; anything else is copied once.
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
 
-    if isinstance(mask, PackedWindows):
-        cu_seqlens, sequences, longest = _cu_seqlens(mask, query.device), len(mask.lengths), max(mask.lengths)
+    if cu_seqlens is not None:
+        sequences, longest = cu_seqlens.numel() - 1, max_seqlen
     else:
-        cu_seqlens, sequences, longest = None, batch, seq
-    key_mask = None
-    if isinstance(mask, Tensor):
-        key_mask = mask[:, 0, 0, :].view(torch.uint8)  # (batch or 1, seq), no copy
+        sequences, longest = batch, seq
+    if key_mask is not None:
+        key_mask = key_mask.view(torch.uint8)  # (batch or 1, seq), no copy
         stride_mb = 0 if key_mask.size(0) == 1 else key_mask.stride(0)
         stride_mn = key_mask.stride(1)
     else:
