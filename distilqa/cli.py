@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 # Only torch-free modules at import time: `distilqa --help` must not wait for torch (see distilqa/hub.py).
 from distilqa.files import check_output, open_output, read_pairs, read_text, write_jsonl_line
-from distilqa.hub import DEFAULT_REPO_ID, HOME_VARIABLE, CheckpointError, WeightsNotFoundError
+from distilqa.hub import DEFAULT_REPO_ID, HOME_VARIABLE, CheckpointError, WeightsNotFoundError, check_model_name
 from distilqa.options import DEFAULT_OPTIONS
 from distilqa.validate import positive_int
 
@@ -451,6 +451,7 @@ def run_ask_on_ray(args: argparse.Namespace, options: dict) -> int:
         positive_int("--ray-workers", args.ray_workers)
     output = checked_output(args, args.input)  # before Ray starts
     check_device_and_dtype(args)
+    check_model_name(args.model)  # the workers load it: a missing folder is said here, at once
     from distilqa.bulk import answer_file_on_ray
 
     count = answer_file_on_ray(

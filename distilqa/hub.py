@@ -163,6 +163,16 @@ def _looks_like_repo_id(name: str) -> bool:
     return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None and not name.startswith(".")
 
 
+def check_model_name(name_or_path: str | os.PathLike) -> None:
+    """Raise as :func:`resolve_checkpoint` would for a name that is neither a checkpoint folder nor a
+    hub repo id, without looking anything up: for callers whose loading happens elsewhere (Ray workers)."""
+    path = Path(name_or_path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} is a file; pass the folder that holds {CONFIG_FILE} and {SAFETENSORS_FILE}")
+    if not path.is_dir() and not _looks_like_repo_id(str(name_or_path)):
+        raise WeightsNotFoundError(f"no checkpoint folder at {path}")
+
+
 def resolve_checkpoint(
     name_or_path: str | os.PathLike, revision: str | None = None, cache_dir: str | os.PathLike | None = None
 ) -> Path:
@@ -171,10 +181,7 @@ def resolve_checkpoint(
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
-    if path.exists():
-        raise CheckpointError(f"{path} is a file; pass the folder that holds {CONFIG_FILE} and {SAFETENSORS_FILE}")
+    check_model_name(name_or_path)
     name = str(name_or_path)
-    if not _looks_like_repo_id(name):
-        raise WeightsNotFoundError(f"no checkpoint folder at {path}")
     found, _ = find_local_checkpoint(name, revision, cache_dir)
     return found if found is not None else download(name, revision, cache_dir)

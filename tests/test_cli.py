@@ -215,7 +215,7 @@ def test_ask_context_file_errors(capsys, tmp_path, tiny_checkpoint):
     status, _, err = run(capsys, "ask", "--model", tiny_checkpoint, "--question", "q?", "--context-file", missing)
     check_user_error(status, err, "missing.txt")
     status, _, err = run(capsys, "ask", "--model", tiny_checkpoint, "--question", "q?", "--context-file", tmp_path)
-    check_user_error(status, err, "directory")
+    check_user_error(status, err, "is a folder")
 
 
 @pytest.mark.parametrize(
@@ -225,8 +225,8 @@ def test_ask_context_file_errors(capsys, tmp_path, tiny_checkpoint):
         (["--context", "Bob."], "--question"),
         (["--question", "", "--context", "Bob."], "question 0 is empty"),
         (["--question", "Who?", "--context", "\u200b"], "context 0 has no tokens"),
-        (["--question", "Who?", "--context", "Bob.", "--top-k", "0"], "top_k"),
-        (["--question", "Who?", "--context", "Bob.", "--max-answer-len", "0"], "max_answer_len"),
+        (["--question", "Who?", "--context", "Bob.", "--top-k", "0"], "--top-k"),
+        (["--question", "Who?", "--context", "Bob.", "--max-answer-len", "0"], "--max-answer-len"),
     ],
 )
 def test_ask_bad_arguments_exit_2(capsys, tiny_checkpoint, arguments, phrase):
@@ -297,7 +297,10 @@ def test_ask_jsonl_keeps_unicode_line_separators_and_crlf(capsys, tmp_path, tiny
 def test_ask_jsonl_output_to_a_directory_exits_2(capsys, tmp_path, tiny_checkpoint):
     source = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     status, _, err = run(capsys, "ask", "--model", tiny_checkpoint, "--input", source, "--output", tmp_path)
-    check_user_error(status, err, "directory")
+    check_user_error(status, err, f"--output {tmp_path} already exists")
+    argv = ["ask", "--model", tiny_checkpoint, "--input", source, "--output", tmp_path, "--overwrite"]
+    status, _, err = run(capsys, *argv)
+    check_user_error(status, err, f"--output {tmp_path} is a folder; name a file")
 
 
 def test_ask_jsonl_to_stdout_with_top_k(capsys, tmp_path, tiny_checkpoint):
@@ -326,7 +329,8 @@ def test_ask_jsonl_bad_line_exits_2_naming_file_and_line(capsys, tmp_path, tiny_
     source = write_jsonl(tmp_path / "pairs.jsonl", [PAIRS[0], PAIRS[1], "", bad_line, PAIRS[3]])
     target = tmp_path / "answers.jsonl"
     target.write_text("previous answers\n", encoding="utf-8")
-    status, out, err = run(capsys, "ask", "--model", tiny_checkpoint, "--input", source, "--output", target)
+    argv = ["ask", "--model", tiny_checkpoint, "--input", source, "--output", target, "--overwrite"]
+    status, out, err = run(capsys, *argv)
     check_user_error(status, err, f"{source}:4", phrase)
     assert out == ""
     assert target.read_text(encoding="utf-8") == "previous answers\n", "nothing is written before validation"
@@ -348,7 +352,8 @@ def test_ask_jsonl_context_without_tokens_names_line_and_keeps_output(capsys, tm
     source = write_jsonl(tmp_path / "pairs.jsonl", [PAIRS[0], {"question": "Who?", "context": "\u200b\u200c"}])
     target = tmp_path / "answers.jsonl"
     target.write_text("previous answers\n", encoding="utf-8")
-    status, _, err = run(capsys, "ask", "--model", tiny_checkpoint, "--input", source, "--output", target)
+    argv = ["ask", "--model", tiny_checkpoint, "--input", source, "--output", target, "--overwrite"]
+    status, _, err = run(capsys, *argv)
     check_user_error(status, err, f"{source}:2: the context has no tokens")
     assert target.read_text(encoding="utf-8") == "previous answers\n"
 
@@ -563,7 +568,7 @@ def test_evaluate_predictions_refuses_model_options(capsys, tmp_path, squad_file
     status, _, err = run(
         capsys, "evaluate", "--predictions", predictions, "--data", squad_file, "--predictions-out", tmp_path / "x"
     )
-    check_user_error(status, err, "--predictions-out")
+    check_user_error(status, err, "--output writes a model's predictions")
 
 
 def test_evaluate_bad_predictions_file_exits_2(capsys, tmp_path, squad_file):
@@ -636,3 +641,170 @@ def test_bad_command_line_exits_2(capsys, argv):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("usage: distilqa") and "error:" in err
+
+
+# --------------------------------------------------------------------------- #
+# one output policy, devices, tokenizers that fit
+# --------------------------------------------------------------------------- #
+
+
+def command_line() -> list[str]:
+    script = Path(sys.executable).with_name("distilqa")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "distilqa.cli"]
+
+
+def run_command(cwd: Path, *argv: object) -> subprocess.CompletedProcess:
+    """The real ``distilqa`` command, as a user runs it."""
+    return subprocess.run(
+        [*command_line(), *map(str, argv)], capture_output=True, text=True, cwd=cwd, timeout=600, check=False
+    )
+
+
+def check_one_line_error(result: subprocess.CompletedProcess, *phrases: str) -> None:
+    check_user_error(result.returncode, result.stderr, *phrases)
+    assert result.stderr.strip().count("\n") == 0 or all(
+        "%|" in line for line in result.stderr.strip().splitlines()[:-1]
+    ), result.stderr
+
+
+def writing_commands(tmp_path: Path, squad_file: Path, source: Path) -> dict[str, list[object]]:
+    """Each command that writes, with a model that is not there: checks that come first never reach it."""
+    model = tmp_path / "no-model-here"
+    return {
+        "ask": ["ask", "--model", model, "--input", source],
+        "ask --ray": ["ask", "--model", model, "--input", source, "--ray"],
+        "evaluate": ["evaluate", "--model", model, "--data", squad_file],
+        "heads": ["heads", "--model", model, "--data", squad_file],
+        "export": ["export", "--model", model],
+        "explain": ["explain", "--model", model, "--question", "Who?", "--context", "Bob."],
+        "train": ["train", "--model", model, "--data", squad_file],
+    }
+
+
+@pytest.mark.parametrize("command", ["ask", "ask --ray", "evaluate", "heads", "export", "explain"])
+def test_an_existing_output_is_refused_before_work_and_kept(capsys, tmp_path, squad_file, command):
+    source = write_jsonl(tmp_path / "pairs.jsonl", PAIRS[:2])
+    existing = tmp_path / "existing"
+    if command in ("heads", "export", "explain"):  # these write folders
+        existing.mkdir()
+        (existing / "kept.txt").write_bytes(b"old\r\n")
+        before = {path.name: path.read_bytes() for path in existing.iterdir()}
+    else:
+        existing.write_bytes(b"old answers\r\n")
+    argv = writing_commands(tmp_path, squad_file, source)[command]
+    status, out, err = run(capsys, *argv, "--output", existing)
+    check_user_error(status, err, f"--output {existing} already exists", "--overwrite")
+    assert out == ""
+    if existing.is_dir():
+        assert {path.name: path.read_bytes() for path in existing.iterdir()} == before
+    else:
+        assert existing.read_bytes() == b"old answers\r\n"
+    # With --overwrite the checks pass and the command goes on, to the model that is not there.
+    status, _, err = run(capsys, *argv, "--output", existing, "--overwrite")
+    check_user_error(status, err, "no-model-here")
+
+
+@pytest.mark.parametrize(
+    ("command", "old_spelling"),
+    [("evaluate", "--predictions-out"), ("heads", "--out"), ("export", "--onnx"), ("explain", "--out")],
+)
+def test_old_output_spellings_still_work_and_are_hidden(capsys, tmp_path, squad_file, command, old_spelling):
+    from distilqa.cli import build_parser
+
+    argv = writing_commands(tmp_path, squad_file, tmp_path / "pairs.jsonl")[command]
+    args = build_parser().parse_args([*map(str, argv), old_spelling, "target"])
+    assert args.output == Path("target") and args.overwrite is False
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # one line: argparse wraps at the terminal width
+    assert f"{old_spelling}: older spelling, deprecated" in help_text
+    assert "--output" in help_text and "--overwrite" in help_text
+    usage = help_text.split("options:")[0]
+    assert f"{old_spelling} " not in usage  # hidden from the usage line
+
+
+def test_every_writing_command_takes_the_same_output_options(capsys, tmp_path, squad_file):
+    from distilqa.cli import build_parser
+
+    for name, argv in writing_commands(tmp_path, squad_file, tmp_path / "pairs.jsonl").items():
+        args = build_parser().parse_args([*map(str, argv), "--output", "o", "--overwrite"])
+        assert (args.output, args.overwrite) == (Path("o"), True), name
+
+
+def test_output_may_not_be_the_input(tmp_path):
+    source = write_jsonl(tmp_path / "same.jsonl", PAIRS[:2])
+    before = source.read_bytes()
+    for extra in ([], ["--overwrite"], ["--ray"]):
+        result = run_command(tmp_path, "ask", "--input", "same.jsonl", "--output", "same.jsonl", *extra)
+        check_one_line_error(result, "--output same.jsonl is also an input")
+        assert source.read_bytes() == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["same.jsonl"]  # no temporary file left
+
+
+def test_evaluate_output_in_a_missing_folder_is_made(capsys, tmp_path, tiny_checkpoint, squad_file, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["evaluate", "--model", tiny_checkpoint, "--data", squad_file, "--limit", "2"]
+    status, _, err = run(capsys, *argv, "--output", Path("nodir") / "p.json")
+    assert status == 0, err
+    assert set(json.loads((tmp_path / "nodir" / "p.json").read_text(encoding="utf-8"))) == {"q1", "q2"}
+    assert sorted(path.name for path in (tmp_path / "nodir").iterdir()) == ["p.json"]
+
+
+def test_evaluate_output_that_cannot_be_made_fails_before_the_model_loads(tmp_path, squad_file):
+    (tmp_path / "afile").write_text("a file, not a folder", encoding="utf-8")
+    result = run_command(
+        tmp_path, "evaluate", "--model", "no-model-here", "--data", squad_file, "--output", "afile/p.json"
+    )
+    check_one_line_error(result, "--output afile/p.json")  # the path as typed
+    assert "no-model-here" not in result.stderr
+    assert (tmp_path / "afile").read_text(encoding="utf-8") == "a file, not a folder"
+
+
+def test_overwrite_goes_with_output(capsys, tmp_path):
+    status, _, err = run(capsys, "ask", "--question", "Who?", "--context", "Bob.", "--overwrite")
+    check_user_error(status, err, "--overwrite goes with")
+
+
+def test_an_unusable_device_is_one_line_before_loading(tmp_path, squad_file):
+    torch = pytest.importorskip("torch")
+    devices = ["nonsense", "meta"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in devices:
+        result = run_command(
+            tmp_path, "ask", "--model", "no-model-here", "--question", "Who?", "--context", "Bob.", "--device", device
+        )
+        check_one_line_error(result, f"device {device!r}")
+        assert "no-model-here" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["ask", "evaluate", "heads", "export", "explain", "verify"])
+def test_every_model_command_checks_its_device_first(capsys, tmp_path, squad_file, command):
+    source = write_jsonl(tmp_path / "pairs.jsonl", PAIRS[:2])
+    argv = {**writing_commands(tmp_path, squad_file, source), "verify": ["verify", "--model", tmp_path / "none"]}
+    extra = [] if command in ("ask", "verify") else ["--output", tmp_path / "new-output"]
+    if command == "ask":
+        argv[command] = [*argv[command], "--output", tmp_path / "answers.jsonl"]
+    status, _, err = run(capsys, *argv[command], *extra, "--device", "nonsense")
+    check_user_error(status, err, "unknown device 'nonsense'")
+    assert not (tmp_path / "new-output").exists()
+
+
+def stub_tokenizer_checkpoint(directory: Path, weights_from: Path) -> Path:
+    """The weights of ``weights_from`` beside a vocabulary of the 5 special tokens only."""
+    directory.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (directory / name).write_bytes((weights_from / name).read_bytes())
+    (directory / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n", encoding="utf-8")
+    return directory
+
+
+def test_a_tokenizer_that_does_not_fit_is_refused_and_fails_verify(capsys, tmp_path, tiny_checkpoint):
+    stub = stub_tokenizer_checkpoint(tmp_path / "stub", tiny_checkpoint)
+    status, out, err = run(capsys, "ask", "--model", stub, "--question", "Who?", "--context", CONTEXT)
+    check_user_error(status, err, "the tokenizer does not fit the model", "[UNK]")
+    assert out == ""
+    status, out, _ = run(capsys, "verify", "--model", stub)
+    assert status == 1, out
+    assert "tokenizer: FAIL" in out and out.rstrip().endswith("FAIL: the tokenizer does not fit the model")
+    status, out, _ = run(capsys, "verify", "--model", tiny_checkpoint)
+    assert status == 0, out
+    assert "tokenizer: PASS" in out
