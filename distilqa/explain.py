@@ -54,7 +54,7 @@ FIGURE_SIZES = {
     "probabilities": (14.0, 6.0),
     "attention_grid": (16.0, 9.0),
     "attention_head": (10.0, 10.0),
-    "logit_lens": (10.0, 5.0),
+    "logit_lens": (11.0, 6.0),
 }
 ANSWER_COLOR = "#e6550d"
 OTHER_COLOR = "#3182bd"
@@ -357,9 +357,9 @@ def _title(explanation: dict) -> str:
     window = explanation["window"]
     where = f"; window {window['index'] + 1} of {window['count']}" if window["count"] > 1 else ""
     return (
-        f"Q: {explanation['question']}   A: {answer['answer']!r}: score {answer['score']:.3g} (the pipeline's: "
-        f"p_start × p_end summed over the spans that give this text in every window; this span's own "
-        f"{explanation['span']['score']:.3g}{where})"
+        f"Q: {explanation['question']}   A: {_short(answer['answer'], 60)!r}\nscore {answer['score']:.3g} (the "
+        f"pipeline's: p_start × p_end summed over every span giving this text, in every window); this span's "
+        f"own {explanation['span']['score']:.3g}{where}"
     )
 
 
@@ -385,7 +385,7 @@ def _draw_probabilities(figure, explanation: dict) -> None:
         f"p(no answer) = p_start[CLS] * p_end[CLS] = {explanation['probabilities']['no_answer']:.3g}",
         fontsize=10,
     )
-    figure.subplots_adjust(left=0.06, right=0.99, top=0.88, bottom=0.2, hspace=0.08)
+    figure.subplots_adjust(left=0.06, right=0.99, top=0.86, bottom=0.2, hspace=0.08)
 
 
 def thinned(count: int, room_points: float, size: float, keep: Sequence[int] = ()) -> list[int]:
@@ -399,7 +399,7 @@ def thinned(count: int, room_points: float, size: float, keep: Sequence[int] = (
 
 def _draw_attention_grid(figure, explanation: dict) -> None:
     """A layer x head grid: rows are [CLS] and the question's tokens, columns the context's tokens,
-    labelled on the outer cells (the context thinned to fit, the span's tokens always), one colour bar."""
+    labelled on the outer cells (the context thinned to fit, the span's ends always), one colour bar."""
     weights = explanation["attention"]["weights"]  # [layer][head] -> (queries, context) lists, None if pruned
     layers, heads = len(weights), len(weights[0])
     selected = (explanation["selected_head"]["layer"], explanation["selected_head"]["head"])
@@ -408,16 +408,17 @@ def _draw_attention_grid(figure, explanation: dict) -> None:
     span = explanation["span"]
     span_columns = [c for c, i in enumerate(keys) if span["start_token"] <= i <= span["end_token"]]
     axes = figure.subplots(layers, heads, squeeze=False)
-    figure.subplots_adjust(left=0.07, right=0.93, top=0.9, bottom=0.1, wspace=0.06, hspace=0.1)
+    figure.subplots_adjust(left=0.07, right=0.93, top=0.86, bottom=0.1, wspace=0.06, hspace=0.1)
     vmax = max(max(map(max, cell)) for row in weights for cell in row if cell is not None)
     # Room of one cell in points, to thin the labels: the figure's size times the subplot fractions.
     width, height = FIGURE_SIZES["attention_grid"]
     cell_width = 72 * width * 0.86 / heads / 1.06
-    cell_height = 72 * height * 0.8 / layers / 1.1
+    cell_height = 72 * height * 0.76 / layers / 1.1
     row_size = max(3.0, min(6.0, cell_height / max(len(queries), 1) / 1.2))
-    column_size = 4.5
+    column_size = 5.5
     rows = thinned(len(queries), cell_height, row_size)
-    columns = thinned(len(keys), cell_width, column_size, keep=span_columns)
+    # The span's first and last tokens always; others evenly spaced where they fit.
+    columns = thinned(len(keys), cell_width, column_size, keep=span_columns[:1] + span_columns[-1:])
     image = None
     for layer in range(layers):
         for head in range(heads):
@@ -451,7 +452,7 @@ def _draw_attention_grid(figure, explanation: dict) -> None:
                         tick.set_color(ANSWER_COLOR)
             ax.tick_params(length=1.5, pad=1)
     if image is not None:
-        bar = figure.colorbar(image, cax=figure.add_axes((0.945, 0.1, 0.012, 0.8)), format="%.2g")
+        bar = figure.colorbar(image, cax=figure.add_axes((0.945, 0.1, 0.012, 0.76)), format="%.2g")
         bar.set_label("attention weight", fontsize=8)
         bar.ax.tick_params(labelsize=7)
     figure.suptitle(
@@ -486,7 +487,7 @@ def _draw_attention_head(figure, explanation: dict) -> None:
         f"chosen span in orange",
         fontsize=10,
     )
-    figure.subplots_adjust(left=0.12, right=0.93, top=0.92, bottom=0.12)
+    figure.subplots_adjust(left=0.12, right=0.93, top=0.9, bottom=0.12)
 
 
 def _draw_logit_lens(figure, explanation: dict) -> None:
@@ -522,28 +523,21 @@ def _draw_logit_lens(figure, explanation: dict) -> None:
     ax.set_yticklabels([str(t) for t in ticks])
     ax.minorticks_off()
     ax.set_xticks(list(depths))
-    ax.set_xticklabels(lens["layers"], fontsize=9)
+    # Under each stage, what the pipeline would answer from there.
+    answers = [
+        "the answer" if rank == 1 else repr(_short(text, 16))
+        for rank, text in zip(lens["answer_rank"], lens["stage_answer"])
+    ]
+    ax.set_xticklabels([f"{layer}\n→ {answer}" for layer, answer in zip(lens["layers"], answers)], fontsize=8)
     ax.set_ylabel("rank (1 = best)")
     ax.grid(alpha=0.3)
-    for depth, (rank, text) in enumerate(zip(lens["answer_rank"], lens["stage_answer"])):
-        if rank != 1:  # say what that stage would answer instead
-            ax.annotate(
-                f"would answer {_short(text)!r}",
-                (depth, 1),
-                xytext=(0, -14),
-                textcoords="offset points",
-                ha="center",
-                fontsize=7,
-                color="#555",
-                rotation=0,
-            )
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     figure.suptitle(
         f"{_title(explanation)}\nlogit lens: the span head applied to the hidden state after each stage; "
-        "missing points: not among the pipeline's candidates",
+        "missing points: not among the pipeline's candidates; under each stage, what it would answer",
         fontsize=9,
     )
-    figure.subplots_adjust(left=0.08, right=0.98, top=0.85, bottom=0.08)
+    figure.subplots_adjust(left=0.08, right=0.98, top=0.8, bottom=0.27)
 
 
 def _short(text: str, length: int = 18) -> str:

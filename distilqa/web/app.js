@@ -108,7 +108,8 @@ const inSpan = (e, i) => e.span.start_token <= i && i <= e.span.end_token;
 
 function drawProbabilities(e) {
   const keys = e.attention.keys;
-  const bar = Math.max(6, Math.min(18, 1100 / keys.length));
+  const room = $("probabilities").parentElement.clientWidth - 90; // fit the page where bars stay >= 6 px
+  const bar = Math.max(6, Math.min(18, room / keys.length));
   const width = 80 + keys.length * bar;
   const rowHeight = 90;
   const labelRoom = 90;
