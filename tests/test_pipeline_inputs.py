@@ -597,8 +597,8 @@ def test_from_pretrained_honours_every_argument(tiny_checkpoint):
         "aten",
     )
     assert all(block._compiled_call_impl is not None for block in model.distilbert.transformer.layer)
-    quantized = QuestionAnswerer.from_pretrained(tiny_checkpoint, quantize="int8").model
-    assert type(quantized.qa_outputs) is not torch.nn.Linear  # replaced by its dynamically quantised version
+    quantized = QuestionAnswerer.from_pretrained(tiny_checkpoint, quantize="int8", linear_backend="aten").model
+    assert type(quantized.distilbert.transformer.layer[0].ffn.lin1) is torch.ao.nn.quantized.dynamic.Linear
 
 
 @pytest.mark.parametrize(
