@@ -102,11 +102,25 @@ def test_a_loaded_model_exports_and_keeps_its_settings(tiny_checkpoint, tmp_path
 
 def test_cli_export(tiny_checkpoint, tmp_path, capsys):
     directory = tmp_path / "exported"
-    assert main(["export", "--onnx", str(directory), "--model", str(tiny_checkpoint)]) == 0
+    assert main(["export", "--output", str(directory), "--model", str(tiny_checkpoint), "--device", "cpu"]) == 0
     assert "max |difference|" in capsys.readouterr().out
-    assert (directory / "model.onnx").exists()
-    assert main(["export", "--onnx", str(directory), "--model", str(tiny_checkpoint)]) == 2
-    assert "already exists" in capsys.readouterr().err
+    written = {path.name: path.read_bytes() for path in directory.iterdir()}
+    assert "model.onnx" in written
+    assert main(["export", "--onnx", str(directory), "--model", str(tiny_checkpoint)]) == 2  # the old spelling
+    assert f"--output {directory} already exists" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in directory.iterdir()} == written
+    assert main(["export", "--output", str(directory), "--model", str(tiny_checkpoint), "--overwrite"]) == 0
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["exported"]  # no temporary folder left
+
+
+def test_a_failed_export_writes_nothing(tiny_checkpoint, tmp_path):
+    directory = tmp_path / "exported"
+    directory.mkdir()
+    (directory / "kept.txt").write_text("old", encoding="utf-8")
+    with pytest.raises(ExportCheckError, match="nothing was written"):
+        export_onnx(tiny_checkpoint, directory, tolerance=-1.0, overwrite=True)  # no difference passes
+    assert [path.name for path in tmp_path.iterdir()] == ["exported"]
+    assert [path.name for path in directory.iterdir()] == ["kept.txt"]
 
 
 @pytest.mark.slow  # the published size: about 25 s to export and check

@@ -13,7 +13,7 @@ from synthetic_qa import DOC_STRIDE, MAX_SEQ_LEN, single_threaded, vocabulary, w
 
 from distilqa import DistilBertConfig, DistilBertForQuestionAnswering, QuestionAnswerer
 from distilqa.cli import main
-from distilqa.heads import WindowingOptions, head_importance, pruning_order
+from distilqa.heads import WindowingOptions, head_importance, pruning_curve, pruning_order
 from distilqa.model import span_loss
 from distilqa.squad import predict, read_squad
 from distilqa.tokenization import QuestionContextTokenizer, build_wordpiece_tokenizer
@@ -142,7 +142,8 @@ def test_importance_is_the_head_mask_gradient(tmp_path):
 
 def test_least_important_heads_matter_less(trained_model, synthetic_task, tmp_path, capsys):
     out = tmp_path / "heads"
-    arguments = ["heads", "--model", str(trained_model), "--data", str(synthetic_task["heldout"]), "--out", str(out)]
+    data = str(synthetic_task["heldout"])
+    arguments = ["heads", "--model", str(trained_model), "--data", data, "--output", str(out)]
     arguments += ["--points", "5", "--max-seq-len", str(MAX_SEQ_LEN), "--doc-stride", str(DOC_STRIDE)]
     with single_threaded():
         assert main(arguments) == 0
@@ -161,5 +162,30 @@ def test_least_important_heads_matter_less(trained_model, synthetic_task, tmp_pa
     assert em_at("most_important_first", 0) == full
     for name in ("importance.png", "pruning_curve.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert main(arguments) == 2  # the report exists: never overwritten
-    assert "already holds" in capsys.readouterr().err
+    written = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert sorted(written) == ["importance.json", "importance.png", "pruning_curve.json", "pruning_curve.png"]
+    assert main(arguments) == 2  # the report exists: replaced only with --overwrite
+    assert f"--output {out} already exists" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == written
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["heads"]  # no temporary folder left
+
+
+def test_pruning_curve_needs_two_points(trained_model):
+    model = DistilBertForQuestionAnswering.from_pretrained(trained_model)
+    tokenizer = QuestionContextTokenizer.from_pretrained(trained_model)
+    for points in (1, 0, -3):
+        with pytest.raises(ValueError, match=f"points must be an integer >= 2, got {points}"):
+            pruning_curve(model, tokenizer, [], [(0, 0)], points=points)
+
+
+def test_heads_cli_checks_points_output_and_device_before_work(trained_model, synthetic_task, tmp_path, capsys):
+    base = ["heads", "--model", str(trained_model), "--data", str(synthetic_task["heldout"])]
+    for extra, phrase in (
+        (["--points", "1"], "--points must be an integer >= 2"),
+        (["--device", "nonsense"], "unknown device 'nonsense'"),
+        (["--output", str(synthetic_task["heldout"]), "--overwrite"], "is also an input"),
+    ):
+        argv = [*base, "--output", str(tmp_path / "report"), *extra] if "--output" not in extra else [*base, *extra]
+        assert main(argv) == 2
+        assert phrase in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()
