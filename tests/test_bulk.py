@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +22,7 @@ pytest.importorskip("ray.data")
 
 from conftest import SQUAD_FILE  # noqa: E402
 
-from distilqa import QuestionAnswerer  # noqa: E402
+from distilqa import QuestionAnswerer, bulk  # noqa: E402
 from distilqa.bulk import PairAnswerer, answer_on_ray, iter_answers_on_ray  # noqa: E402
 from distilqa.cli import main  # noqa: E402
 
@@ -58,7 +61,7 @@ def assert_same_answers(got: list[dict], expected: list[dict]) -> None:
     assert [a["score"] for a in got] == pytest.approx([a["score"] for a in expected], rel=1e-4, abs=1e-7)
 
 
-def test_two_workers_answer_as_one_process_in_order(local_ray, tiny_checkpoint, pairs, tmp_path):
+def test_two_workers_answer_as_one_process_in_order(local_ray, tiny_checkpoint, pairs, tmp_path, monkeypatch):
     questions, contexts = pairs
     marks = tmp_path / "batches"
     marks.mkdir()
@@ -77,15 +80,8 @@ def test_two_workers_answer_as_one_process_in_order(local_ray, tiny_checkpoint, 
                 time.sleep(1.0)  # the first batch finishes after later ones: order is not free
             return super().__call__(batch)
 
-    answers = answer_on_ray(
-        questions,
-        contexts,
-        tiny_checkpoint,
-        workers=2,
-        rows_per_batch=6,
-        load_options=LOAD,
-        actor_class=RecordingAnswerer,
-    )
+    monkeypatch.setattr(bulk, "PairAnswerer", RecordingAnswerer)
+    answers = answer_on_ray(questions, contexts, tiny_checkpoint, workers=2, rows_per_batch=6, load_options=LOAD)
     expected = QuestionAnswerer.from_pretrained(tiny_checkpoint, **LOAD)(questions, contexts)
     assert len(answers) == len(questions)
     assert_same_answers(answers, expected)
@@ -95,7 +91,7 @@ def test_two_workers_answer_as_one_process_in_order(local_ray, tiny_checkpoint, 
     assert len(batches) == len(questions) // 6
 
 
-def test_a_worker_dying_mid_batch_loses_and_doubles_nothing(local_ray, tiny_checkpoint, pairs, tmp_path):
+def test_a_worker_dying_mid_batch_loses_and_doubles_nothing(local_ray, tiny_checkpoint, pairs, tmp_path, monkeypatch):
     questions, contexts = pairs
     crash_once = tmp_path / "crash-once"
     crash_once.touch()
@@ -112,16 +108,9 @@ def test_a_worker_dying_mid_batch_loses_and_doubles_nothing(local_ray, tiny_chec
                 os._exit(1)
             return result
 
+    monkeypatch.setattr(bulk, "PairAnswerer", CrashingAnswerer)
     results = list(
-        iter_answers_on_ray(
-            questions,
-            contexts,
-            tiny_checkpoint,
-            workers=2,
-            rows_per_batch=6,
-            load_options=LOAD,
-            actor_class=CrashingAnswerer,
-        )
+        iter_answers_on_ray(questions, contexts, tiny_checkpoint, workers=2, rows_per_batch=6, load_options=LOAD)
     )
     assert not crash_once.exists(), "the worker never crashed: the test did not test anything"
     assert len([p for p in answered.iterdir() if p.name.startswith("12-")]) == 2, "batch 12 was not retried"
@@ -165,7 +154,48 @@ def test_a_refused_pair_names_its_line_and_writes_nothing(local_ray, tiny_checkp
     output = tmp_path / "answers.jsonl"
     output.write_text("kept\n", encoding="utf-8")
     argv = ["ask", "--model", str(tiny_checkpoint), "--input", str(source), "--output", str(output), "--ray"]
-    assert main([*argv, "--linear-backend", "aten"]) == 2
+    assert main([*argv, "--linear-backend", "aten"]) == 2  # refused before Ray starts: the output exists
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*argv, "--linear-backend", "aten", "--overwrite"]) == 2
     assert f"{source}:2: the context has no tokens" in capsys.readouterr().err
     assert output.read_text(encoding="utf-8") == "kept\n"
     assert not list(Path(tmp_path).glob("*.partial"))
+
+
+def ask_on_ray_in_a_subprocess(tmp_path: Path, checkpoint: Path, *extra: str) -> subprocess.CompletedProcess:
+    source = tmp_path / "pairs.jsonl"
+    rows = [{"question": "Where?", "context": "In Paris."}, {"question": "Who?", "context": "Bob is in Paris."}]
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    argv = ["ask", "--model", str(checkpoint), "--input", "pairs.jsonl", "--output", "answers.jsonl", *extra]
+    env = {name: value for name, value in os.environ.items() if not name.startswith("RAY_")}
+    return subprocess.run(
+        [sys.executable, "-m", "distilqa.cli", *argv],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
+    )
+
+
+def test_ask_on_ray_says_nothing_but_its_own_lines(tiny_checkpoint, tmp_path):
+    """Ray's notices (token authentication, core_worker.cc lines, Ray Data's INFO and WARNING logs)
+    stay out of a user's terminal; only the progress bar and distilqa's summary remain."""
+    result = ask_on_ray_in_a_subprocess(tmp_path, tiny_checkpoint, "--ray", "--ray-workers", "1")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines[-1] == "answered 2 questions into answers.jsonl"
+    assert all("%|" in line for line in lines[:-1]), result.stderr
+    assert len((tmp_path / "answers.jsonl").read_text(encoding="utf-8").splitlines()) == 2
+
+
+def test_an_unreachable_cluster_is_one_error_line(tiny_checkpoint, tmp_path):
+    with socket.socket() as listener:  # a port nothing listens on: bound, never listening
+        listener.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        result = ask_on_ray_in_a_subprocess(tmp_path, tiny_checkpoint, "--ray", address)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    message = result.stderr.replace("\r", "\n").strip().splitlines()[-1]
+    assert message.startswith(f"distilqa: error: no Ray cluster answers at '{address}'"), result.stderr
+    assert not (tmp_path / "answers.jsonl").exists()

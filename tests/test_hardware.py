@@ -44,3 +44,23 @@ def test_this_machine_is_described():
     assert info["model"] and set(info["isa"]) == set(hardware.ISA_FLAGS)
     if "avx512_bf16" in open("/proc/cpuinfo").read():  # noqa: SIM115 (one read)
         assert hardware.has_native_bfloat16("cpu")
+
+
+def test_devices_this_torch_cannot_use_are_refused_with_advice():
+    assert hardware.resolve_device(None) == torch.device("cpu")
+    assert hardware.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown device 'nonsense'; use cpu, cuda"):
+        hardware.resolve_device("nonsense")
+    with pytest.raises(ValueError, match="holds no data"):
+        hardware.resolve_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device 'cuda:0' is not available: .*; use the cpu instead"):
+            hardware.resolve_device("cuda:0")
+    else:
+        with pytest.raises(ValueError, match="does not exist"):
+            hardware.resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_one_table_of_dtype_names():
+    assert hardware.dtype_name(hardware.resolve_dtype("bf16")) == "bfloat16"
+    assert {hardware.dtype_name(dtype) for dtype in hardware.DTYPES.values()} == {"float32", "bfloat16", "float16"}
