@@ -606,7 +606,8 @@ def _check_output(options: TrainingOptions, resumed_step: int | None) -> bool:
     (its ``--resume`` checkpoint is inside it and no newer checkpoint is). Returns whether the run
     continues in place."""
     output = Path(options.output)
-    inputs = [options.data, options.eval_data, options.resume]
+    local = [place for place in (options.model, options.teacher) if place is not None and os.path.exists(place)]
+    inputs = [options.data, options.eval_data, options.resume, *local]
     in_place = options.resume is not None and output.is_dir() and os.path.samefile(Path(options.resume).parent, output)
     if in_place:
         if newer := sorted(step for step in checkpoint_steps(output) if step > resumed_step):
@@ -624,8 +625,8 @@ def _check_output(options: TrainingOptions, resumed_step: int | None) -> bool:
             raise OutputError(f"--overwrite would delete {inside[0]}, an input inside --output {output}")
     elif output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise OutputError(
-            f"--output {output} already exists and is not empty; training never overwrites a run: choose a new "
-            f"--output, or continue that run with --resume {output / (CHECKPOINT_PREFIX + '<step>')} --output {output}"
+            f"--output {output} already exists and is not empty: choose a new --output, continue that run with "
+            f"--resume {output / (CHECKPOINT_PREFIX + '<step>')} --output {output}, or pass --overwrite to replace it"
         )
     check_output(output, overwrite=True, inputs=[path for path in inputs if path is not None], directory=True)
     return in_place

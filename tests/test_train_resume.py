@@ -241,3 +241,22 @@ def test_a_checkpoint_appears_whole_or_not_at_all(small_run, monkeypatch):
     with single_threaded(), pytest.raises(OSError, match="No space left"):
         train(options)
     assert sorted(path.name for path in Path(options.output).iterdir()) == [LOG_FILE, "training_options.json"]
+
+
+def test_overwrite_replaces_a_run_but_never_deletes_an_input(long_run, tmp_path, capsys):
+    paths = long_run["paths"]
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "old.txt").write_text("an earlier run")
+    data_inside = existing / "train.json"
+    shutil.copyfile(paths["train"], data_inside)
+    arguments = ["train", "--model", str(long_run["model"]), "--output", str(existing), "--epochs", "1"]
+    arguments += ["--batch-size", "16", "--max-seq-len", "48", "--doc-stride", "16"]
+    for extra, message in [([], "already exists and is not empty"), (["--overwrite"], "an input inside --output")]:
+        capsys.readouterr()
+        assert main([*arguments, "--data", str(data_inside), *extra]) == 2
+        assert message in capsys.readouterr().err
+        assert sorted(path.name for path in existing.iterdir()) == ["old.txt", "train.json"]  # untouched
+    with single_threaded():
+        assert main([*arguments, "--data", str(paths["train"]), "--overwrite"]) == 0
+    assert not (existing / "old.txt").exists() and (existing / "model.safetensors").exists()
