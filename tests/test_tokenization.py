@@ -391,3 +391,29 @@ def test_question_with_more_tokens_than_characters_raises_value_error(tmp_path):
         with pytest.raises(ValueError, match="question 0 has 40 tokens"):
             tokenizer.encode_windows([question], ["a " * 200], max_seq_len, doc_stride)
     assert len(tokenizer.encode_windows([question], ["a " * 200], 60, 8)[0]) > 1
+
+
+def test_the_real_vocabulary_fits_a_model_of_its_size(ours):
+    assert ours.fit_problems(ours.id_count, ours.pad_token_id) == []
+    assert ours.fit_problems(ours.id_count + 64, ours.pad_token_id) == []  # a padded embedding table is fine
+
+
+def test_misfits_are_named(ours, tmp_path):
+    (bigger,) = ours.fit_problems(ours.id_count - 1, ours.pad_token_id)
+    assert f"ids up to {ours.id_count - 1}" in bigger and f"{ours.id_count - 1} rows" in bigger
+    (pad,) = ours.fit_problems(ours.id_count, ours.pad_token_id + 1)
+    assert f"[PAD] is id {ours.pad_token_id} but the model's pad_token_id is {ours.pad_token_id + 1}" in pad
+    stub_vocab = tmp_path / "vocab.txt"
+    stub_vocab.write_text("".join(f"{token}\n" for token in SPECIAL_TOKENS), encoding="utf-8")
+    stub = QuestionContextTokenizer(build_wordpiece_tokenizer(stub_vocab))
+    (unknown,) = stub.fit_problems(28996, 0)
+    assert "as [UNK]" in unknown and "5 ids for an embedding table of 28996" in unknown
+    assert stub.fit_problems(5, 0) == []  # a vocabulary of the model's own size is taken as meant
+
+
+def test_a_tokenizer_without_required_special_tokens_is_named(tmp_path):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    bare = QuestionContextTokenizer(Tokenizer(WordLevel({"[UNK]": 0, "the": 1}, unk_token="[UNK]")))
+    assert any("lacks the special token(s) [CLS], [SEP], [PAD]" in problem for problem in bare.fit_problems(2, 0))

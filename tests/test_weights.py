@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_reference_checkpoint
+from conftest import save_reference_checkpoint, write_tokenizer_files
 from safetensors.torch import load_file, save_file
 
 from distilqa import CheckpointError, DistilBertForQuestionAnswering, WeightsNotFoundError
@@ -378,3 +378,56 @@ def test_invalid_index(tiny_checkpoint, tiny_state, tmp_path, content):
     with pytest.raises(CheckpointError, match="not a valid safetensors index") as error:
         load_tiny(directory)
     assert "model.safetensors.index.json" in assert_not_bare_key_error(error)
+
+
+def tokenizer_beside(directory: Path, weights_from: Path, vocab: list[str]) -> Path:
+    directory.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(weights_from / name, directory / name)
+    (directory / "vocab.txt").write_text("".join(token + "\n" for token in vocab), encoding="utf-8")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def fitting_checkpoint(tmp_path_factory) -> Path:
+    """A small model whose embedding table matches the vocabulary, with the tokenizer files."""
+    directory = save_reference_checkpoint(tmp_path_factory.mktemp("fits"), seed=1, dim=32, n_layers=1, n_heads=2)
+    return write_tokenizer_files(directory)
+
+
+def test_load_checkpoint_checks_the_tokenizer_before_the_weights(fitting_checkpoint, tmp_path, monkeypatch):
+    from distilqa.pipeline import QuestionAnswerer
+    from distilqa.tokenization import SPECIAL_TOKENS
+    from distilqa.weights import load_checkpoint
+
+    loaded = load_checkpoint(DistilBertForQuestionAnswering, fitting_checkpoint)
+    assert loaded.directory == fitting_checkpoint
+    assert loaded.tokenizer.pad_token_id == loaded.model.config.pad_token_id
+    stub = tokenizer_beside(tmp_path / "stub", fitting_checkpoint, list(SPECIAL_TOKENS))
+    monkeypatch.setattr(DistilBertForQuestionAnswering, "from_pretrained", None)  # the weights are never read
+    for load in (
+        lambda: load_checkpoint(DistilBertForQuestionAnswering, stub),
+        lambda: QuestionAnswerer.from_pretrained(stub),
+    ):
+        with pytest.raises(CheckpointError, match=r"stub: the tokenizer does not fit the model: .*\[UNK\]"):
+            load()
+    shifted = tokenizer_beside(tmp_path / "shifted", fitting_checkpoint, ["[UNK]", "[PAD]", *SPECIAL_TOKENS[2:], "the"])
+    with pytest.raises(CheckpointError, match="the tokenizer's \\[PAD\\] is id 1 but the model's pad_token_id is 0"):
+        load_checkpoint(DistilBertForQuestionAnswering, shifted)
+
+
+def test_load_checkpoint_refuses_ids_beyond_the_embedding_table(fitting_checkpoint, tmp_path):
+    from distilqa.weights import load_checkpoint
+
+    small = save_reference_checkpoint(tmp_path / "small", seed=1, **TINY)  # an embedding table of 1000 rows
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(fitting_checkpoint / name, small / name)
+    with pytest.raises(CheckpointError, match="embedding table has 1000 rows"):
+        load_checkpoint(DistilBertForQuestionAnswering, small)
+
+
+def test_load_checkpoint_refuses_a_device_before_reading(tiny_checkpoint):
+    from distilqa.weights import load_checkpoint
+
+    with pytest.raises(ValueError, match="unknown device 'nonsense'"):
+        load_checkpoint(DistilBertForQuestionAnswering, tiny_checkpoint, device="nonsense")
