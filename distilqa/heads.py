@@ -190,7 +190,8 @@ def head_report(
         write_json(folder / "importance.json", report, indent=1)
         write_json(folder / "pruning_curve.json", curve, indent=1)
         plot_importance(pyplot, importance, folder / "importance.png", f"Head importance: {Path(model_path).name}")
-        plot_curve(pyplot, curve, len(order), folder / "pruning_curve.png")
+        title = f"EM / F1 on {Path(data).name} ({len(questions)} questions) as attention heads are pruned"
+        plot_curve(pyplot, curve, len(order), folder / "pruning_curve.png", title)
 
     atomic_write(out, write_folder)
     return {"importance": report, "pruning_curve": curve}
@@ -219,8 +220,8 @@ def plot_importance(pyplot, importance: Tensor, path: Path, title: str) -> None:
     save_figure(figure, path)
 
 
-def plot_curve(pyplot, curve: dict, total_heads: int, path: Path) -> None:
-    """EM and F1 against the number of heads pruned, in both orders."""
+def plot_curve(pyplot, curve: dict, total_heads: int, path: Path, title: str) -> None:
+    """EM and F1 against the number of heads pruned, in both orders; ``title`` names the data."""
     figure, axes = pyplot.subplots(figsize=(7.0, 4.5), dpi=100)
     for key, label, color in (
         ("least_important_first", "least important first", "#3182bd"),
@@ -234,7 +235,7 @@ def plot_curve(pyplot, curve: dict, total_heads: int, path: Path) -> None:
     axes.set_ylim(-2, 102)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
-    axes.set_title("SQuAD EM / F1 as attention heads are pruned")
+    axes.set_title(title, fontsize=10)
     figure.tight_layout()
     save_figure(figure, path)
 
