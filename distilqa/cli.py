@@ -177,7 +177,9 @@ def add_train_parser(commands) -> None:
         help="fine-tune (or distil) a checkpoint on SQuAD v1.1 data",
         argument_default=argparse.SUPPRESS,
         description="Defaults: 2 epochs, batch 12, learning rate 3e-05 (10% warm-up, then linear decay), weight "
-        "decay 0.01, gradient norm 1.0, 384-token windows with stride 128, alpha 0.5, temperature 2.0, seed 42.",
+        "decay 0.01, gradient norm 1.0, 384-token windows with stride 128, alpha 0.5, temperature 2.0, seed 42. "
+        "Ctrl-C (SIGINT) or SIGTERM stops after the current step with a checkpoint, and prints the command that "
+        "continues the run.",
     )
     train.add_argument("--model", help="checkpoint folder or hub repo id to start from (required unless --resume)")
     train.add_argument("--data", type=Path, help="SQuAD v1.1 training .json or .zip (required unless --resume)")
@@ -195,7 +197,10 @@ def add_train_parser(commands) -> None:
     train.add_argument("--eval-every", type=int, help="steps between evaluations (default 0: at the end)")
     train.add_argument("--save-every", type=int, help="steps between checkpoints (default 0: every epoch)")
     train.add_argument(
-        "--save-total-limit", type=int, help="keep only the newest N checkpoints, and the best one with --eval-data"
+        "--save-total-limit",
+        type=int,
+        metavar="N",
+        help="keep only the newest N checkpoints, and the best one with --eval-data",
     )
     train.add_argument("--teacher", help="distil from this checkpoint folder or repo id (same tokenizer)")
     train.add_argument("--alpha", type=float, help="weight of the distillation loss")
