@@ -287,7 +287,7 @@ def plot(payload: dict[str, Any], path: Path) -> Path:
                 panels += [{**panel, "series": series}] if series else []
     heads = payload["settings"]["heads"]
     title = f"Attention core alone, {heads} heads x {HEAD_DIM}: achieved GFLOP/s (higher is faster)"
-    return common.grouped_figure(path, panels, title, payload)
+    return common.figure(path, panels, title, payload)
 
 
 def options(parser: argparse.ArgumentParser) -> None:

@@ -234,89 +234,67 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 def caption(payload: dict[str, Any]) -> str:
     """Where a result comes from, for every figure: device, threads, torch version, date."""
     m = payload["machine"]
-    return f"{m['device_name']}, {m['torch_threads']} threads, torch {m['torch']}, {m['date'][:10]}"
+    return f"{m['device_name']}, {m['torch_threads']} thread(s), torch {m['torch']}, {m['date'][:10]}"
 
 
-def bar_figure(path: Path, panels: Sequence[dict[str, Any]], title: str, payload: dict[str, Any]) -> Path:
-    """Horizontal bar panels, one label per bar (no legend to decode), coloured by :func:`kind`.
+def figure(path: Path, panels: Sequence[dict[str, Any]], title: str, payload: dict[str, Any]) -> Path:
+    """Bar charts, one panel each, coloured by :func:`kind` of each bar's name, titled with ``title``
+    and :func:`caption`. A panel has a ``title`` and either
 
-    A panel: ``title``, ``xlabel``, ``bars`` [(label, value, colour key)] with None for no value,
-    optional ``line`` (value, label): a dashed vertical line, e.g. the best GEMM's rate."""
+    - ``bars`` [(name, value)] and ``xlabel``: horizontal bars, each labelled with its name and value
+      (no legend to decode), and optionally ``line`` (value, label), a dashed reference line; or
+    - ``series`` {name: values per category}, ``categories`` and ``ylabel``: grouped vertical bars,
+      with one legend for the figure, outside the panels.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = list(dict.fromkeys(key for panel in panels for _, _, key in panel["bars"]))
-    palette = colours(keys)
-    columns = 1 if len(panels) == 1 else 2
-    rows = math.ceil(len(panels) / columns)
-    height = max(len(p["bars"]) for p in panels) * 0.32 + 1.2
-    figure, axes = plt.subplots(rows, columns, figsize=(7.2 * columns, height * rows + 0.8), squeeze=False)
+    names = list(dict.fromkeys(n for p in panels for n in (p["series"] if "series" in p else dict(p["bars"]))))
+    palette, grouped, columns = colours(names), "series" in panels[0], min(2, len(panels))
+    height = 3.4 if grouped else max(len(p["bars"]) for p in panels) * 0.32 + 1.2
+    width = 6 * columns + 2.4 if grouped else 7.2 * columns
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(width, height * rows + 0.8), squeeze=False)
     for axis in axes.flat[len(panels) :]:
         axis.set_visible(False)
     for axis, panel in zip(axes.flat, panels):
-        labels = [label for label, _, _ in panel["bars"]]
-        values = [math.nan if v is None else v for _, v, _ in panel["bars"]]
-        axis.barh(range(len(labels)), values, color=[palette[key] for _, _, key in panel["bars"]])
-        axis.set_yticks(range(len(labels)), labels, fontsize=8)
-        axis.invert_yaxis()
-        top = max((v for v in values if math.isfinite(v)), default=1.0)
-        for y, value in enumerate(values):
-            if math.isfinite(value):
-                axis.text(value + top * 0.01, y, cell(value), va="center", fontsize=7, backgroundcolor="white")
-        if "line" in panel:
-            axis.axvline(panel["line"][0], color="black", linestyle="--", linewidth=1)
-            axis.text(panel["line"][0], len(labels) - 0.6, f"{panel['line'][1]} ", fontsize=7, ha="right")
-            top = max(top, panel["line"][0])
-        axis.set_xlim(0, top * 1.18)
         axis.set_title(panel["title"], fontsize=9)
-        axis.set_xlabel(panel["xlabel"], fontsize=8)
-        axis.grid(axis="x", alpha=0.3)
-    figure.suptitle(f"{title}\n{caption(payload)}", fontsize=10)
-    figure.tight_layout()
-    return save(figure, path)
+        (vertical_bars if grouped else horizontal_bars)(axis, panel, palette)
+    if grouped:
+        handles = [matplotlib.patches.Patch(color=palette[name], label=name) for name in names]
+        fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+    fig.suptitle(f"{title}\n{caption(payload)}", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 2.2 / width if grouped else 1, 1))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
 
 
-def save(figure: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+def horizontal_bars(axis: Any, panel: dict[str, Any], palette: dict[str, Any]) -> None:
+    names, values = [n for n, _ in panel["bars"]], [math.nan if v is None else v for _, v in panel["bars"]]
+    axis.barh(range(len(names)), values, color=[palette[name] for name in names])
+    axis.set_yticks(range(len(names)), names, fontsize=8)
+    axis.invert_yaxis()
+    top = max([v for v in values if math.isfinite(v)] + [panel["line"][0] if "line" in panel else 0.0])
+    for y, value in enumerate(values):
+        if math.isfinite(value):
+            axis.text(value + top * 0.01, y, cell(value), va="center", fontsize=7, backgroundcolor="white")
+    if "line" in panel:
+        axis.axvline(panel["line"][0], color="black", linestyle="--", linewidth=1)
+        axis.text(panel["line"][0], len(names) - 0.6, f"{panel['line'][1]} ", fontsize=7, ha="right")
+    axis.set_xlim(0, top * 1.18)
+    axis.set_xlabel(panel["xlabel"], fontsize=8)
+    axis.grid(axis="x", alpha=0.3)
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
 
-
-def grouped_figure(path: Path, panels: Sequence[dict[str, Any]], title: str, payload: dict[str, Any]) -> Path:
-    """Vertical grouped bars, one panel each, with one legend outside the panels (right).
-
-    A panel: ``title``, ``ylabel``, ``categories`` (x tick labels) and ``series`` {name: values},
-    None for a missing value; each series is coloured by :func:`kind` of its name."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(dict.fromkeys(name for panel in panels for name in panel["series"]))
-    palette = colours(names)
-    columns = min(2, len(panels))
-    rows = math.ceil(len(panels) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(6 * columns + 2.4, 3.4 * rows + 0.8), squeeze=False)
-    for axis in axes.flat[len(panels) :]:
-        axis.set_visible(False)
-    for axis, panel in zip(axes.flat, panels):
-        width = 0.8 / max(1, len(panel["series"]))
-        for index, (name, values) in enumerate(panel["series"].items()):
-            xs = [c + (index - (len(panel["series"]) - 1) / 2) * width for c in range(len(panel["categories"]))]
-            heights = [math.nan if v is None else v for v in values]
-            axis.bar(xs, heights, width, color=palette[name], label=name)
-        axis.set_xticks(range(len(panel["categories"])), panel["categories"], fontsize=8)
-        axis.set_title(panel["title"], fontsize=9)
-        axis.set_ylabel(panel["ylabel"], fontsize=8)
-        axis.grid(axis="y", alpha=0.3)
-    handles = [matplotlib.patches.Patch(color=palette[name], label=name) for name in names]
-    figure.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
-    figure.suptitle(f"{title}\n{caption(payload)}", fontsize=10)
-    figure.tight_layout(rect=(0, 0, 1 - 2.2 / (6 * columns + 2.4), 1))
-    return save(figure, path)
+def vertical_bars(axis: Any, panel: dict[str, Any], palette: dict[str, Any]) -> None:
+    width = 0.8 / len(panel["series"])
+    for index, (name, values) in enumerate(panel["series"].items()):
+        xs = [c + (index - (len(panel["series"]) - 1) / 2) * width for c in range(len(panel["categories"]))]
+        axis.bar(xs, [math.nan if v is None else v for v in values], width, color=palette[name])
+    axis.set_xticks(range(len(panel["categories"])), panel["categories"], fontsize=8)
+    axis.set_ylabel(panel["ylabel"], fontsize=8)
+    axis.grid(axis="y", alpha=0.3)

@@ -1,14 +1,11 @@
 """Forward-pass speed of distilqa's model in each mode beside transformers, ONNX Runtime and OpenVINO.
 
-Every model holds the same weights: transformers' model with random weights at the published
-configuration, saved with safetensors; each variant loads that folder (the peers run it exported to
-ONNX, ``benchmarks/peers.py``). All variants of a shape are timed round-robin together with a GEMM
-reference per library: one encoder layer's GEMMs (4 x 768x768, 768x3072, 3072x768, no bias) at
-M = batch * seq through ``F.linear`` (MKL for fp32 on the CPU) and through oneDNN. The faster
-library is the practical limit; each variant's GFLOP/s is reported as a fraction of it.
-FLOPs: see ``common.window_flops``. Logits are compared with transformers' eager model.
-
-A mode is one row of VARIANTS: a name and how to build the model from the checkpoint folder.
+Every variant (one row of VARIANTS: a name and how to build it) loads the same checkpoint, random
+weights at the published configuration; the peers run it exported to ONNX. The variants of a shape
+are timed round-robin with one encoder layer's GEMMs at M = batch * seq through each library
+(``F.linear``, i.e. MKL for fp32 on the CPU, and oneDNN): the faster is the practical limit, and
+each variant's GFLOP/s (``common.window_flops``) is also given as a fraction of it. Logits are
+compared with transformers' eager model.
 
     python benchmarks/forward.py                    # writes benchmarks/results/forward-cpu.{json,png}
     python benchmarks/forward.py --small            # a tiny model, to check the script works
@@ -78,16 +75,8 @@ class Variant:
     default: bool = True  # timed unless --variants names others
 
 
-def onednn(model: DistilBertForQuestionAnswering) -> None:
-    model.set_linear_backend("onednn")
-
-
 def int8(model: DistilBertForQuestionAnswering) -> None:
     quantize_int8(model.distilbert.transformer)  # the encoder's linear layers; the span head stays fp32
-
-
-def compiled(model: DistilBertForQuestionAnswering) -> None:
-    model.compile_blocks()  # compiles on the first call: see first_call_ms
 
 
 # name -> how to build it. A new mode is one more row.
@@ -98,9 +87,9 @@ VARIANTS: dict[str, Variant] = {
     "openvino": Variant(load_peer("openvino"), only="cpu", fp32_only=True),
     "distilqa-eager": Variant(distilqa_model("eager")),
     "distilqa-sdpa": Variant(distilqa_model("sdpa")),
-    "distilqa-onednn": Variant(distilqa_model("sdpa", onednn), only="cpu"),
+    "distilqa-onednn": Variant(distilqa_model("sdpa", lambda m: m.set_linear_backend("onednn")), only="cpu"),
     "distilqa-int8": Variant(distilqa_model("sdpa", int8), only="cpu", fp32_only=True, default=False),
-    "distilqa-compile": Variant(distilqa_model("sdpa", compiled), default=False),
+    "distilqa-compile": Variant(distilqa_model("sdpa", lambda m: m.compile_blocks()), default=False),
     "distilqa-triton": Variant(distilqa_model("triton"), only="cuda", default=False),
 }
 
@@ -275,11 +264,11 @@ def plot(payload: dict[str, Any], path: Path) -> Path:
         panels.append(
             {"title": f"batch {m['batch']} x seq {m['seq']}, {m['dtype']}, attention_mask {m['mask']}",
              "xlabel": "achieved GFLOP/s (higher is faster)",
-             "bars": [(r["variant"], r["gflop_per_s"], r["variant"]) for r in rows],
+             "bars": [(r["variant"], r["gflop_per_s"]) for r in rows],
              "line": (m["gflop_per_s"], f"{m['dtype']} GEMM limit ({m['best_library']})")}
         )  # fmt: skip
     size = "a tiny random model" if payload["settings"]["small"] else "random weights at the published size"
-    return common.bar_figure(path, panels, f"DistilBERT QA forward pass, {size}", payload)
+    return common.figure(path, panels, f"DistilBERT QA forward pass, {size}", payload)
 
 
 def options(parser: argparse.ArgumentParser) -> None:

@@ -204,9 +204,9 @@ def plot(payload: dict[str, Any], path: Path) -> Path:
     panels = [
         {"title": f"first {payload['settings']['questions']} SQuAD v1.1 dev questions",
          "xlabel": "questions per second (higher is faster)",
-         "bars": [(r["runner"], r["questions_per_second"], r["runner"]) for r in rows]},
+         "bars": [(r["runner"], r["questions_per_second"]) for r in rows]},
         {"title": "achieved GFLOP/s end to end", "xlabel": "GFLOP/s (higher is faster)",
-         "bars": [(r["runner"], r["gflop_per_s_end_to_end"], r["runner"]) for r in rows]},
+         "bars": [(r["runner"], r["gflop_per_s_end_to_end"]) for r in rows]},
     ]  # fmt: skip
     if payload.get("best_fp32_gemm_gflop_per_s"):
         panels[1]["line"] = (payload["best_fp32_gemm_gflop_per_s"], "best fp32 GEMM")
@@ -215,7 +215,7 @@ def plot(payload: dict[str, Any], path: Path) -> Path:
         model, model
     )
     title = f"Question answering end to end, tokenization and decoding included; {model}"
-    return common.bar_figure(path, panels, title, payload)
+    return common.figure(path, panels, title, payload)
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, questions: int) -> None:

@@ -1,9 +1,7 @@
-"""Pictures and docs tables from the committed results, so that neither can drift from the JSON.
-
-For every ``benchmarks/results/<name>.json``: the PNG beside it, drawn by the ``plot`` of the script
-that wrote it; in the pages of ``docs/``, each markdown table between ``<!-- table: <name>.json -->``
-(or ``<!-- table: <name>.json <function> -->``) and ``<!-- end table -->``, made by that script's
-``table`` (or ``<function>``) from the JSON.
+"""Pictures and docs tables from the committed results, so that neither can drift from the JSON: for
+every ``benchmarks/results/<name>.json`` the PNG beside it, drawn by the ``plot`` of the script that
+wrote it, and in ``docs/*.md`` each table between ``<!-- table: <name>.json [function] -->`` and
+``<!-- end table -->``, made by that script's ``table`` (or ``function``).
 
     python benchmarks/report.py            # redraw the PNGs, rewrite the tables in docs/
     python benchmarks/report.py --check    # exit 1 if a table in docs/ is not what the JSON gives
