@@ -41,6 +41,7 @@ from distilqa.linear import quantize_int8
 from distilqa.model import DistilBertForQuestionAnswering
 from distilqa.options import DEFAULT_OPTIONS, AnswerOptions
 from distilqa.tokenization import QuestionContextTokenizer
+from distilqa.validate import at_least, positive_int
 from distilqa.weights import DEFAULT_REPO_ID, load_checkpoint
 
 EXCLUDED_LOGIT = -10000.0  # the reference's value for tokens that cannot be in an answer
@@ -243,16 +244,10 @@ class QuestionAnswerer:
 
     @staticmethod
     def _check_options(top_k: int, max_answer_len: int, max_seq_len: int, doc_stride: int) -> None:
-        for name, value, low in (
-            ("max_seq_len", max_seq_len, 4),  # first: the default doc_stride depends on it
-            ("top_k", top_k, 1),
-            ("max_answer_len", max_answer_len, 1),
-            ("doc_stride", doc_stride, 0),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 4:
-            raise ValueError(f"max_seq_len must be an integer >= 4, got {max_seq_len!r}")
+        at_least("max_seq_len", max_seq_len, 4)  # first: the default doc_stride depends on it
+        at_least("top_k", top_k, 1)
+        at_least("max_answer_len", max_answer_len, 1)
+        at_least("doc_stride", doc_stride, 0)
         if doc_stride >= max_seq_len - 3:
             raise ValueError(f"doc_stride ({doc_stride}) must be smaller than max_seq_len - 3 ({max_seq_len - 3})")
 
@@ -386,8 +381,7 @@ def merge_answers(
 
 
 def _check_batch_size(batch_size: int, name: str = "batch_size") -> None:
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"{name} must be a positive integer, got {batch_size!r}")
+    positive_int(name, batch_size)
 
 
 def _pairs(question: str | Sequence[str], context: str | Sequence[str]) -> tuple[list[str], list[str], bool]:

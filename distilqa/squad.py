@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from distilqa.files import write_json
+
 __all__ = [
     "SquadQuestion",
     "SquadScores",
@@ -327,7 +329,7 @@ def read_predictions(path: str | os.PathLike[str]) -> dict[str, str]:
 
 
 def write_predictions(predictions: Mapping[str, str], path: str | os.PathLike[str]) -> None:
-    """Write predictions as an official UTF-8 JSON object ``{id: answer_text}``.
+    """Write predictions as an official UTF-8 JSON object ``{id: answer_text}``, atomically.
 
     Raises:
         TypeError: if an id or an answer is not a string.
@@ -338,9 +340,7 @@ def write_predictions(predictions: Mapping[str, str], path: str | os.PathLike[st
                 f"predictions must map str ids to str answers, got "
                 f"{type(key).__name__} -> {type(value).__name__} for {key!r}"
             )
-    with open(path, "w", encoding="utf-8") as file:
-        json.dump(dict(predictions), file, ensure_ascii=False, indent=1)
-        file.write("\n")
+    write_json(path, dict(predictions), indent=1)  # whole or not at all
 
 
 def predict(answerer: Any, questions: Sequence[SquadQuestion], progress: bool = False) -> dict[str, str]:

@@ -632,3 +632,8 @@ def test_public_names_build_an_answerer(tiny_checkpoint):
     )
     tokenizer = distilqa.QuestionContextTokenizer.from_pretrained(tiny_checkpoint)
     check_answer(distilqa.QuestionAnswerer(model, tokenizer)("Who?", "Bob is here."), "Bob is here.")
+
+
+def test_from_pretrained_refuses_a_device_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="unknown device 'nonsense'"):
+        QuestionAnswerer.from_pretrained(tmp_path / "not-even-a-checkpoint", device="nonsense")
