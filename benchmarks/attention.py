@@ -34,6 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks import common
 from distilqa.attention import PackedWindows, attend, resolve_attention
+from distilqa.model import eager_attention
 
 HEAD_DIM = 64
 SHAPES = {"cuda": "1x128,1x384,1x512,16x128,16x384,16x512,128x128,128x384,128x512", "cpu": "1x128,1x384,4x128,4x384"}
@@ -55,7 +56,7 @@ def merge(context: Tensor) -> Tensor:  # (batch, heads, seq, head_dim) -> (batch
 
 def distilqa_core(name: str) -> Callable[[dict], Core | str]:
     def make(masks: dict) -> Core:
-        core = resolve_attention(name)
+        core = eager_attention if name == "eager" else resolve_attention(name)  # as the model resolves it
         return lambda q, k, v: merge(attend(core, q, k, v, masks["distilqa"])[0])
 
     return make
@@ -108,6 +109,7 @@ def transformers_function(implementation: str) -> Callable[[dict], Core | str]:
 IMPLEMENTATIONS: dict[str, Callable[[dict], Core | str]] = {
     "distilqa-eager": distilqa_core("eager"),
     "distilqa-sdpa": distilqa_core("sdpa"),
+    "distilqa-onednn": distilqa_core("onednn"),  # CPU inference; elsewhere it runs the sdpa core
     "sdpa-math": sdpa_backend(SDPBackend.MATH),
     "sdpa-flash": sdpa_backend(SDPBackend.FLASH_ATTENTION),
     "sdpa-efficient": sdpa_backend(SDPBackend.EFFICIENT_ATTENTION),
