@@ -808,3 +808,11 @@ def test_a_tokenizer_that_does_not_fit_is_refused_and_fails_verify(capsys, tmp_p
     status, out, _ = run(capsys, "verify", "--model", tiny_checkpoint)
     assert status == 0, out
     assert "tokenizer: PASS" in out
+
+
+def test_verify_takes_the_dtype_names_every_command_takes(capsys, tiny_checkpoint):
+    status, out, _ = run(capsys, "verify", "--model", tiny_checkpoint, "--dtype", "bf16")
+    assert status == 0, out
+    assert "dtype bfloat16" in out.splitlines()[0]
+    status, _, err = run(capsys, "verify", "--model", tiny_checkpoint, "--dtype", "float8")
+    check_user_error(status, err, "unknown dtype 'float8'")
