@@ -207,3 +207,14 @@ def test_hub_cache_dir_order(places, monkeypatch):
     assert hub_cache_dir() == Path("~/somewhere").expanduser()
     assert hub_cache_dir(places["tmp"]) == places["tmp"]
     assert distilqa.hub.weights_dir() == places["weights"]
+
+
+def test_check_model_name_refuses_without_looking_anything_up(tmp_path, monkeypatch):
+    monkeypatch.setattr(distilqa.hub, "find_local_checkpoint", None)  # nothing is looked up
+    distilqa.hub.check_model_name(tmp_path)  # a folder
+    distilqa.hub.check_model_name("distilbert/distilbert-base-cased-distilled-squad")  # a repo id, maybe remote
+    with pytest.raises(distilqa.hub.WeightsNotFoundError, match="no checkpoint folder at"):
+        distilqa.hub.check_model_name(tmp_path / "missing" / "deeper")
+    (tmp_path / "file.txt").write_text("x", encoding="utf-8")
+    with pytest.raises(distilqa.hub.CheckpointError, match="is a file"):
+        distilqa.hub.check_model_name(tmp_path / "file.txt")

@@ -555,3 +555,11 @@ def test_dev_set_plain_json_path(tmp_path: Path, dev_questions: list[SquadQuesti
     path = tmp_path / DEV_MEMBER
     path.write_bytes(zipfile.ZipFile(DEV_PATH).read(DEV_MEMBER))
     assert read_squad(path) == dev_questions
+
+
+def test_write_predictions_replaces_a_file_whole(tmp_path: Path) -> None:
+    path = tmp_path / "predictions.json"
+    path.write_text("old", encoding="utf-8")
+    write_predictions({"q1": "Denver Broncos"}, path)
+    assert json.loads(path.read_text(encoding="utf-8")) == {"q1": "Denver Broncos"}
+    assert [p.name for p in tmp_path.iterdir()] == ["predictions.json"]  # no temporary file left
