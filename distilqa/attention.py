@@ -19,7 +19,7 @@ core marks itself ``handles_packed_windows = True`` and takes the ``PackedWindow
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -67,6 +67,23 @@ class PackedWindows:
 
 
 AttentionMask = Tensor | PackedWindows | None
+
+
+def attention_mask_and_positions(
+    attention_mask: Tensor | None, window_lengths: Sequence[int] | None, device: torch.device
+) -> tuple[AttentionMask, Tensor | None]:
+    """The model's inputs -> the mask every core takes, and position ids (None: 0, 1, ... per row).
+    Padded rows: attention_mask (batch, seq) of 1 and 0 -> a (batch, 1, 1, seq) bool key mask, which
+    broadcasts over heads and queries (None when nothing is padding). Packed windows: a
+    :class:`PackedWindows`, with positions that restart at each window (1, seq)."""
+    if window_lengths is not None:
+        windows = PackedWindows(tuple(window_lengths))
+        return windows, windows.position_ids(device)
+    if attention_mask is None or bool(attention_mask.all()):  # all ones masks nothing: skip the mask
+        return None, None
+    return attention_mask.bool()[:, None, None, :], None
+
+
 AttentionFunction = Callable[..., tuple[Tensor, Tensor | None]]
 
 

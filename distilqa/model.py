@@ -1,9 +1,8 @@
 """DistilBERT for extractive question answering, written out by hand.
 
-DistilBERT (Sanh et al. 2019, "DistilBERT, a distilled version of BERT") is BERT with half the
-layers and no token-type embeddings or pooler, trained by distillation. For question answering a
-linear head reads every token's final hidden state and scores it as the start and as the end of
-the answer span.
+DistilBERT (Sanh et al. 2019) is BERT with half the layers and no token-type embeddings or pooler,
+trained by distillation. For question answering a linear head scores every token's final hidden
+state as the start and as the end of the answer span.
 
     input_ids (batch, seq)
       -> Embeddings: word + learned position, LayerNorm, dropout         (batch, seq, dim)
@@ -13,14 +12,12 @@ the answer span.
       -> dropout, qa_outputs: Linear(dim, 2)                            (batch, seq, 2)
       -> start_logits, end_logits                                       (batch, seq) each
 
-Module names mirror the keys of the published checkpoint (``distilbert.transformer.layer.0.
-attention.q_lin.weight``, ...) so its weights load strictly, with no renaming.
+Module names mirror the published checkpoint's keys (``distilbert.transformer.layer.0.attention.q_lin.weight``)
+so its weights load strictly, with no renaming.
 
 This is the only implementation of the network in distilqa. Speed comes from switches on this one
-model, each tested for the same logits: the attention core (``set_attn_implementation``: this
-file's written-out :func:`eager_attention`, or a fused core from :mod:`distilqa.attention`), the
-GEMM library of its ``nn.Linear`` layers (``set_linear_backend``, :mod:`distilqa.linear`), the
-dtype, and padded or packed windows (``window_lengths``: no work spent on padding).
+model, each tested for the same logits: the attention core (``set_attn_implementation``), the GEMM
+library of its ``nn.Linear`` layers (``set_linear_backend``), the dtype, and padded or packed windows.
 """
 
 from __future__ import annotations
@@ -35,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distilqa import linear, pruning
-from distilqa.attention import AttentionFunction, AttentionMask, PackedWindows, attend, resolve_attention
+from distilqa.attention import AttentionFunction, AttentionMask, attend, attention_mask_and_positions, resolve_attention
 from distilqa.config import DistilBertConfig
 from distilqa.validate import check_model_inputs
 
@@ -78,11 +75,9 @@ class Embeddings(nn.Module):
 def eager_attention(
     query: Tensor, key: Tensor, value: Tensor, mask: AttentionMask, dropout_p: float = 0.0, need_weights: bool = False
 ) -> tuple[Tensor, Tensor | None]:
-    """softmax(Q Kᵀ / √d) V, written out step by step in the reference's order of operations.
-
-    query, key, value (batch, heads, seq, head_dim); mask None or a (batch, 1, 1, seq) bool key mask,
-    True at real tokens. Returns the context (batch, heads, seq, head_dim) and, when ``need_weights``,
-    the attention weights (batch, heads, seq, seq). Every other core computes the same thing."""
+    """softmax(Q Kᵀ / √d) V, step by step in the reference's order of operations; every other core computes
+    the same. query, key, value (batch, heads, seq, head_dim); mask None or a (batch, 1, 1, seq) bool key
+    mask, True at real tokens. -> context (batch, heads, seq, head_dim), weights (batch, heads, seq, seq)."""
     scores = torch.matmul(query, key.transpose(-1, -2)) * query.size(-1) ** -0.5  # (batch, heads, seq, seq)
     if mask is not None:
         # The dtype's most negative finite value, not -inf: a row whose keys are all padding then gets
@@ -111,24 +106,26 @@ class MultiHeadSelfAttention(nn.Module):
     def forward(
         self, x: Tensor, mask: AttentionMask, need_weights: bool, head_mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
-        """x (batch, seq, dim); mask as in distilqa.attention; head_mask (config.n_heads,), 0 silences a
-        head, numbered as in the unpruned layer."""
+        """x (batch, seq, dim); head_mask (config.n_heads,): 0 silences a head (unpruned numbering)."""
         batch, seq, dim = x.shape
-        if not self.heads:  # every head pruned: the sub-layer adds only out_lin's bias
+        if not self.n_heads:  # every head pruned: the sub-layer adds only out_lin's bias
             return self.out_lin.bias.expand(batch, seq, dim), None
 
         def split_heads(t: Tensor) -> Tensor:  # (batch, seq, dim) -> (batch, heads, seq, head_dim)
-            return t.view(batch, seq, len(self.heads), self.head_dim).transpose(1, 2)
+            return t.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
 
         query, key, value = split_heads(self.q_lin(x)), split_heads(self.k_lin(x)), split_heads(self.v_lin(x))
-        # Attention maps always come from the written-out core: fused cores do not return them.
-        core = eager_attention if need_weights else self.attention_function
+        core = eager_attention if need_weights else self.attention_function  # only eager returns the maps
         dropout_p = self.dropout_p if self.training else 0.0
         context, weights = attend(core, query, key, value, mask, dropout_p, need_weights)  # (batch, heads, seq, hd)
         if head_mask is not None:  # scaling a head's output scales its attention weights (Michel et al. 2019)
             context = context * pruning.heads_present(head_mask, self.heads)[None, :, None, None].to(context.dtype)
-        context = context.transpose(1, 2).reshape(batch, seq, len(self.heads) * self.head_dim)  # heads side by side
+        context = context.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)  # heads side by side
         return self.out_lin(context), weights  # (batch, seq, dim), (batch, heads, seq, seq) or None
+
+    @property
+    def n_heads(self) -> int:  # heads still here
+        return len(self.heads)
 
 
 class FFN(nn.Module):
@@ -137,8 +134,7 @@ class FFN(nn.Module):
     def __init__(self, config: DistilBertConfig):
         super().__init__()
         self.lin1 = nn.Linear(config.dim, config.hidden_dim)
-        # A module, so that a GEMM backend can fuse it into lin1 and show it (Identity after lin1 with
-        # the activation as its post-op); exact (erf) GELU.
+        # Exact (erf) GELU; a module, so a GEMM backend can fuse it into lin1 visibly (Identity here then).
         self.activation = nn.GELU() if config.activation == "gelu" else nn.ReLU()
         self.lin2 = nn.Linear(config.hidden_dim, config.dim)
         self.dropout = nn.Dropout(config.dropout)
@@ -168,7 +164,7 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: DistilBertConfig):
+    def __init__(self, config: DistilBertConfig):  # the stack of blocks, named as in the checkpoint
         super().__init__()
         self.layer = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
 
@@ -178,7 +174,6 @@ class DistilBertModel(nn.Module):
 
     def __init__(self, config: DistilBertConfig):
         super().__init__()
-        self.config = config
         self.embeddings = Embeddings(config)
         self.transformer = Transformer(config)
 
@@ -191,15 +186,9 @@ class DistilBertModel(nn.Module):
         head_mask: Tensor | None = None,
         window_lengths: Sequence[int] | None = None,
     ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
-        """Returns the last hidden state (batch, seq, dim), and the per-layer hidden states and
-        attention maps that were asked for (empty tuples otherwise)."""
-        mask: AttentionMask = None
-        position_ids = None
-        if window_lengths is not None:  # one row of windows end to end: positions restart at each window
-            mask = PackedWindows(tuple(window_lengths))
-            position_ids = mask.position_ids(input_ids.device)  # (1, seq)
-        elif attention_mask is not None and not bool(attention_mask.all()):  # all ones masks nothing: skip it
-            mask = attention_mask.bool()[:, None, None, :]  # (batch, 1, 1, seq): broadcast over heads, queries
+        """The last hidden state (batch, seq, dim), and the hidden states and attention maps asked for."""
+        # A (batch, 1, 1, seq) key mask, packed windows (positions restart at each window), or None.
+        mask, position_ids = attention_mask_and_positions(attention_mask, window_lengths, input_ids.device)
         x = self.embeddings(input_ids, position_ids)  # (batch, seq, dim)
         hidden_states, attentions = [x] if output_hidden_states else [], []
         for i, block in enumerate(self.transformer.layer):
@@ -223,8 +212,7 @@ class DistilBertForQuestionAnswering(nn.Module):
         self.apply(self._init_weights)
         self.prune_heads(config.pruned_heads)  # a pruned checkpoint's config builds its pruned shapes
 
-    def _init_weights(self, module: nn.Module) -> None:
-        """BERT's initialisation, for a model that is not loaded from a checkpoint."""
+    def _init_weights(self, module: nn.Module) -> None:  # BERT's, for a model not loaded from a checkpoint
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.config.initializer_range)
         if isinstance(module, nn.Linear):
@@ -246,11 +234,10 @@ class DistilBertForQuestionAnswering(nn.Module):
         head_mask: Tensor | None = None,
         window_lengths: Sequence[int] | None = None,
     ) -> QuestionAnsweringOutput:
-        """input_ids (batch, seq) token ids; attention_mask (batch, seq), 1 for tokens and 0 for padding;
-        start_positions / end_positions (batch,) gold token indices, to get the training loss;
-        head_mask (heads,) or (n_layers, heads), 1 keeps a head and 0 removes its contribution;
-        window_lengths: the input is one row (1, seq) of windows of these lengths laid end to end,
-        each attending only to itself with positions counted from its own start (no padding)."""
+        """input_ids (batch, seq); attention_mask (batch, seq), 1 for tokens and 0 for padding; start_positions,
+        end_positions (batch,) gold token indices, for the training loss; head_mask (heads,) or (n_layers, heads),
+        0 removes a head's contribution; window_lengths: input_ids is one row (1, seq) of windows of these
+        lengths end to end, each attending only to itself, positions counted from its own start (no padding)."""
         check_model_inputs(input_ids, attention_mask, window_lengths, self.config.max_position_embeddings)
         if head_mask is not None:
             head_mask = pruning.expand_head_mask(head_mask, self.config.n_layers, self.config.n_heads)
@@ -259,51 +246,41 @@ class DistilBertForQuestionAnswering(nn.Module):
         )  # (batch, seq, dim)
         logits = self.qa_outputs(self.dropout(x))  # (batch, seq, 2)
         start_logits, end_logits = logits.unbind(dim=-1)  # (batch, seq) each
-        loss = None
-        if start_positions is not None and end_positions is not None:
-            loss = span_loss(start_logits, end_logits, start_positions, end_positions)
+        loss = None if end_positions is None else span_loss(start_logits, end_logits, start_positions, end_positions)
         return QuestionAnsweringOutput(
             start_logits.contiguous(), end_logits.contiguous(), loss, hidden_states or None, attentions or None
         )
 
-    # Switches: each changes how this model computes, never what (tested for the same logits).
-
-    def set_attn_implementation(self, implementation: str | AttentionFunction) -> None:
-        """Swap the attention core of every layer: ``"eager"`` (:func:`eager_attention`), a core of
-        :mod:`distilqa.attention` by name (``"sdpa"``, ``"onednn"``, ``"triton"``), or any function
-        with the same signature."""
+    def set_attn_implementation(self, implementation: str | AttentionFunction) -> None:  # switches: how, not what
+        """The attention core of every layer: "eager" (:func:`eager_attention`), a core of
+        distilqa.attention by name ("sdpa", "onednn", "triton"), or any function of the same signature."""
         function = eager_attention if implementation == "eager" else resolve_attention(implementation)
         self.attn_implementation = implementation if isinstance(implementation, str) else function.__name__
         for block in self.distilbert.transformer.layer:
             block.attention.attention_function = function
 
     def set_linear_backend(self, backend: str = "auto") -> str:
-        """Which GEMM runs every ``nn.Linear`` ("aten", "onednn" or "auto"); see :mod:`distilqa.linear`.
-        Returns the backend chosen."""
+        """Which GEMM runs every nn.Linear ("aten", "onednn", "auto"; see distilqa.linear); returns it."""
         return linear.set_linear_backend(self, backend)
 
-    @property
-    def linear_backend(self) -> str:
-        return linear.linear_backend(self)
+    linear_backend = property(linear.linear_backend, doc="The GEMM backend of the nn.Linear layers, or 'mixed'.")
 
     def compile_blocks(self) -> None:
-        """``torch.compile`` each block in place with dynamic shapes (parameters shared, so training and
-        weight updates still show); packed attention's per-window loop stays outside the graphs."""
+        """``torch.compile`` each block in place, dynamic shapes; packed windows' loop stays outside."""
         for block in self.distilbert.transformer.layer:
             block.compile(dynamic=True)
 
     def prune_heads(self, heads_to_prune: dict[int, Iterable[int]]) -> None:
-        """Remove attention heads for good, ``{layer: [heads]}`` numbered as in the unpruned model; the
-        model then computes what it computed with them masked. ``self.config.pruned_heads`` records
-        them, so save_pretrained / from_pretrained round-trip the pruned model. See distilqa.pruning."""
+        """Remove heads for good, ``{layer: [heads]}`` numbered as in the unpruned model: the same result as
+        masking them (see distilqa.pruning); ``config.pruned_heads`` records them for save/load."""
         layers = self.distilbert.transformer.layer
         for layer, heads in pruning.check_heads_to_prune(heads_to_prune, len(layers), self.config.n_heads).items():
             pruning.prune_attention_heads(layers[layer].attention, heads)
             self.config.pruned_heads[layer] = sorted(set(self.config.pruned_heads.get(layer, [])) | heads)
 
     @property
-    def device(self) -> torch.device:
-        return self.distilbert.embeddings.word_embeddings.weight.device  # embeddings: never quantised or swapped
+    def device(self) -> torch.device:  # the embeddings': never quantised or swapped
+        return self.distilbert.embeddings.word_embeddings.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -319,16 +296,11 @@ class DistilBertForQuestionAnswering(nn.Module):
         attn_implementation: str | AttentionFunction = "sdpa",
         linear_backend: str = "aten",
     ) -> DistilBertForQuestionAnswering:
-        """Load a checkpoint folder (config.json + safetensors) or a hub repo id, in eval mode.
-        ``dtype``: None/float32 (exact), bfloat16, float16, or "auto" (see distilqa.hardware);
-        ``linear_backend``: the default "aten" reproduces transformers bit for bit."""
-        from distilqa.hardware import resolve_dtype
+        """Load a checkpoint folder (config.json + safetensors) or a hub repo id, in eval mode. dtype: None/float32
+        (exact), bfloat16, float16 or "auto"; linear_backend "aten" reproduces transformers bit for bit."""
         from distilqa.weights import load_pretrained
 
-        device = torch.device(device or "cpu")
-        model = load_pretrained(cls, name_or_path, revision, device, resolve_dtype(dtype, device), attn_implementation)
-        model.set_linear_backend(linear_backend)
-        return model
+        return load_pretrained(cls, name_or_path, revision, device, dtype, attn_implementation, linear_backend)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config.json and model.safetensors with the published key names."""
@@ -338,8 +310,8 @@ class DistilBertForQuestionAnswering(nn.Module):
 
 
 def span_loss(start_logits: Tensor, end_logits: Tensor, start_positions: Tensor, end_positions: Tensor) -> Tensor:
-    """Mean of the start and end cross-entropies. A gold position outside the sequence (e.g. an answer
-    cut off by windowing) is clamped to ``seq`` and ignored, as in the reference."""
+    """Mean of the start and end cross-entropies; a gold position outside the sequence (an answer cut off by
+    windowing) is clamped to ``seq`` and ignored, as in the reference."""
     seq = start_logits.size(1)
     start_positions = start_positions.reshape(-1).clamp(0, seq)  # (batch,)
     end_positions = end_positions.reshape(-1).clamp(0, seq)  # (batch,)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from distilqa.attention import AttentionFunction
 from distilqa.config import DistilBertConfig
-from distilqa.hardware import resolve_device
+from distilqa.hardware import resolve_device, resolve_dtype
 
 # Re-exported: finding checkpoints lives in distilqa.hub (torch-free, so the CLI starts fast).
 from distilqa.hub import (  # noqa: F401
@@ -127,11 +127,15 @@ def load_pretrained(
     name_or_path: str | os.PathLike,
     revision: str | None = None,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: str | torch.dtype | None = None,
     attn_implementation: str | AttentionFunction = "sdpa",
+    linear_backend: str = "aten",
 ):
     """Build ``model_class`` from a checkpoint, strictly: see :func:`convert_state_dict`. The model
-    is returned in eval mode, in ``dtype`` (default float32) on ``device`` (default CPU)."""
+    is returned in eval mode, in ``dtype`` (default float32; a name as distilqa.hardware.resolve_dtype
+    reads it) on ``device`` (default CPU), its linear layers on ``linear_backend``."""
+    device = torch.device(device or "cpu")
+    dtype = resolve_dtype(dtype, device)
     directory = resolve_checkpoint(name_or_path, revision)
     config_path = directory / CONFIG_FILE
     if not config_path.exists():
@@ -141,7 +145,9 @@ def load_pretrained(
         model = model_class(config, attn_implementation=attn_implementation)
     state = convert_state_dict(read_state_dict(directory), model.state_dict(), directory)
     model.load_state_dict(state, strict=True, assign=True)
-    return model.to(device=device or "cpu", dtype=dtype or torch.float32).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    model.set_linear_backend(linear_backend)
+    return model
 
 
 @dataclass
