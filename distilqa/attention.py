@@ -2,7 +2,8 @@
 
 The model's own core is :func:`distilqa.model.eager_attention` (``"eager"``), written out step by
 step. The cores here compute the same thing faster, and a model swaps to them by name (``"sdpa"``,
-``"onednn"``, ``"triton"``) or takes any function with the :data:`AttentionFunction` signature:
+``"onednn"``, ``"auto"`` (the faster of those two here, measured), ``"triton"``) or takes any
+function with the :data:`AttentionFunction` signature:
 
     query, key, value:  (batch, heads, seq, head_dim)
     mask:               None (every key is a real token) or a (batch, 1, 1, seq) bool key mask,
@@ -18,7 +19,9 @@ core marks itself ``handles_packed_windows = True`` and takes the ``PackedWindow
 
 from __future__ import annotations
 
+import functools
 import itertools
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -219,10 +222,45 @@ def triton_attention(
 triton_attention.handles_packed_windows = True  # reads PackedWindows as cu_seqlens
 
 
+def auto_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: AttentionMask,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """On the CPU, whichever of :func:`onednn_attention` and :func:`sdpa_attention` is measured faster on
+    this machine (once per process, :func:`fastest_cpu_attention`); elsewhere :func:`sdpa_attention`."""
+    core = ATTENTION_IMPLEMENTATIONS[fastest_cpu_attention()] if query.device.type == "cpu" else sdpa_attention
+    return core(query, key, value, mask, dropout_p, need_weights)
+
+
+@functools.cache
+def fastest_cpu_attention(heads: int = 12, seq: int = 384, head_dim: int = 64, repeat: int = 7) -> str:
+    """ "onednn" or "sdpa": the faster, median of ``repeat``, on one float32 window of the published
+    model's shape (about 0.2 s, once per process). oneDNN only when clearly faster: at a tie, sdpa."""
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return "sdpa"
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, seq, heads, head_dim, generator=generator).transpose(1, 2) for _ in range(3))
+    median = {}
+    with torch.inference_mode():
+        for name in ("sdpa", "onednn"):
+            times = []
+            for _ in range(repeat + 1):  # the first call sets up and is not counted
+                began = time.perf_counter()
+                ATTENTION_IMPLEMENTATIONS[name](q, k, v, None)
+                times.append(time.perf_counter() - began)
+            median[name] = sorted(times[1:])[repeat // 2]
+    return "onednn" if median["onednn"] < 0.9 * median["sdpa"] else "sdpa"
+
+
 # The cores by name; "eager", the written-out core, lives with the model (distilqa.model.eager_attention).
 ATTENTION_IMPLEMENTATIONS: dict[str, AttentionFunction] = {
     "sdpa": sdpa_attention,
     "onednn": onednn_attention,
+    "auto": auto_attention,
     "triton": triton_attention,
 }
 

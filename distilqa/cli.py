@@ -302,9 +302,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--attn-implementation",
-        choices=("eager", "sdpa", "triton"),
-        default="sdpa",
-        help="attention core (default sdpa)",
+        choices=("auto", "eager", "sdpa", "onednn", "triton"),
+        default="auto",
+        help="attention core (default auto: on the CPU the faster of sdpa and onednn, measured once; else sdpa)",
     )
     parser.add_argument(
         "--linear-backend",

@@ -133,7 +133,7 @@ class QuestionAnswerer:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         batch_size: int = 32,
-        attn_implementation: str = "sdpa",
+        attn_implementation: str = "auto",
         linear_backend: str = "auto",
         packed: bool = True,
         compile: bool = False,
@@ -146,8 +146,8 @@ class QuestionAnswerer:
 
         ``dtype``: None / "float32" (the default; answers match the reference), "bfloat16",
         "float16", or "auto" (bfloat16 where the hardware has it). ``attn_implementation`` and
-        ``linear_backend`` are set on the model (see DistilBertForQuestionAnswering); the default
-        "auto" backend runs float32 GEMMs on whichever library is measured faster here. ``compile``
+        ``linear_backend`` are set on the model (see DistilBertForQuestionAnswering); their "auto"
+        defaults run the attention core and the float32 GEMMs measured faster here. ``compile``
         runs :meth:`DistilBertForQuestionAnswering.compile_blocks` (the first calls are slow while
         it compiles); ``quantize="int8"`` replaces the linear layers by int8 dynamically quantised
         ones (CPU, float32; approximate)."""

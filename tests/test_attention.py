@@ -252,3 +252,32 @@ def test_set_attn_implementation_switches_every_layer():
 def test_default_attention_is_sdpa():
     model = DistilBertForQuestionAnswering(DistilBertConfig(**TINY))
     assert model.attn_implementation == "sdpa"
+
+
+def test_auto_runs_the_core_measured_faster_and_matches_eager(monkeypatch):
+    from distilqa import attention
+
+    q, k, v = random_qkv(batch=2, seq=11)
+    mask = key_mask_from_lengths([11, 6], 11)
+    calls, measure = [], attention.fastest_cpu_attention.__wrapped__
+    for name in ("sdpa", "onednn"):
+        monkeypatch.setattr(attention, "fastest_cpu_attention", lambda name=name: name)
+        monkeypatch.setitem(
+            attention.ATTENTION_IMPLEMENTATIONS, name, lambda *a, core=CORES[name], n=name: calls.append(n) or core(*a)
+        )
+        context, _ = attention.auto_attention(q, k, v, mask)
+        assert (context - eager_attention(q, k, v, mask)[0]).abs().max() <= 1e-6
+    assert calls == ["sdpa", "onednn"]
+    assert measure(seq=32, repeat=1) in ("sdpa", "onednn")
+
+
+def test_onednn_core_skips_padding_keys_and_matches_eager():
+    """Right padding: each row attends over its real keys only (the GEMMs see n keys, not seq), with
+    eager's result; a mask that is not right padding hands over to sdpa, with eager's result too."""
+    q, k, v = random_qkv(batch=3, seq=13)
+    for mask in (
+        key_mask_from_lengths([13, 7, 1], 13),
+        torch.rand(3, 1, 1, 13, generator=torch.Generator().manual_seed(1)) > 0.3,
+    ):
+        context, _ = onednn_attention(q, k, v, mask)
+        assert (context - eager_attention(q, k, v, mask)[0]).abs().max() <= 1e-6
