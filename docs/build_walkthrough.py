@@ -61,7 +61,8 @@ def quote(spec: str, root: Path = ROOT) -> str:
     where = f"{path}:{first + 1}" + (f"-{last + 1}" if last > first else "")
     anchor = f"L{first + 1}" + (f"-L{last + 1}" if last > first else "")
     code = textwrap.dedent("\n".join(lines[first : last + 1]))
-    return f"[`{where}`](../{path}#{anchor})\n\n```python\n{code}\n```"
+    # Verbatim source, a fragment out of its context: the markers keep `ruff format` off it.
+    return f"<!-- fmt:off -->\n[`{where}`](../{path}#{anchor})\n\n```python\n{code}\n```\n<!-- fmt:on -->"
 
 
 def find(lines: list[str], mark: str, first: int, last: int, path: str) -> int:
