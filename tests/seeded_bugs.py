@@ -53,8 +53,8 @@ BUGS = [
     Bug(
         "model: tanh-approximate GELU",
         "distilqa/model.py",
-        'self.activation = F.gelu if config.activation == "gelu" else F.relu',
-        'self.activation = (lambda x: F.gelu(x, approximate="tanh")) if config.activation == "gelu" else F.relu',
+        'self.activation = nn.GELU() if config.activation == "gelu" else nn.ReLU()',
+        'self.activation = nn.GELU(approximate="tanh") if config.activation == "gelu" else nn.ReLU()',
         ("tests/test_model_parity.py", "-k", "small_configurations"),
     ),
     Bug(
@@ -74,14 +74,14 @@ BUGS = [
     # -- attention ---------------------------------------------------------------------------------
     Bug(
         "attention: scale 1/d instead of 1/sqrt(d)",
-        "distilqa/attention.py",
-        "scale = query.size(-1) ** -0.5",
-        "scale = query.size(-1) ** -1.0",
+        "distilqa/model.py",
+        "* query.size(-1) ** -0.5",
+        "* query.size(-1) ** -1.0",
         ("tests/test_attention.py",),
     ),
     Bug(
         "attention: mask inverted",
-        "distilqa/attention.py",
+        "distilqa/model.py",
         "scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)",
         "scores = scores.masked_fill(mask, torch.finfo(scores.dtype).min)",
         ("tests/test_attention.py",),
@@ -106,6 +106,42 @@ BUGS = [
         "return torch.cat([torch.arange(n, device=device) for n in self.lengths])[None, :]",
         "return torch.arange(self.total, device=device)[None, :]",
         ("tests/test_attention.py", "-k", "packed"),
+    ),
+    Bug(
+        "attention: onednn core reads one key too few",
+        "distilqa/attention.py",
+        "key[b, :, :n].contiguous()",
+        "key[b, :, : n - 1].contiguous()",
+        ("tests/test_attention.py", "-k", "onednn"),
+    ),
+    Bug(
+        "kernel: triton core trains without gradients",
+        "distilqa/attention.py",
+        "if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):",
+        "if False:",
+        ("tests/test_kernels.py", "-k", "training"),
+    ),
+    # -- GEMM backends and pruning -----------------------------------------------------------------
+    Bug(
+        "linear: oneDNN path drops the bias",
+        "distilqa/linear.py",
+        "return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.post_op, [], algorithm)",
+        "return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, self.post_op, [], algorithm)",
+        ("tests/test_linear.py",),
+    ),
+    Bug(
+        "linear: fused GELU approximated with tanh",
+        "distilqa/linear.py",
+        '"gelu": (nn.GELU, "none", F.gelu),',
+        '"gelu": (nn.GELU, "tanh", F.gelu),',
+        ("tests/test_linear.py",),
+    ),
+    Bug(
+        "pruning: the caller's config is pruned too",
+        "distilqa/model.py",
+        "self.config = config = copy.deepcopy(config) if config is not None else DistilBertConfig()",
+        "self.config = config = config if config is not None else DistilBertConfig()",
+        ("tests/test_pruning.py",),
     ),
     # -- windows and the pipeline's batches ----------------------------------------------------------
     Bug(
