@@ -87,19 +87,24 @@ def _with(backend: SDPBackend, call: Callable[[], Tensor]) -> Tensor:
 
 
 def transformers_function(implementation: str) -> Callable[[dict], Core | str]:
+    """transformers' eager or sdpa attention function, with the mask its create_bidirectional_mask builds."""
+
     def make(masks: dict) -> Core | str:
         if isinstance(masks["distilqa"], PackedWindows):
             return "takes no packed windows"
         try:
-            if implementation == "eager":
-                from transformers.models.distilbert.modeling_distilbert import eager_attention_forward as function
-            else:
-                from transformers.integrations.sdpa_attention import sdpa_attention_forward as function
+            import transformers
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+            from transformers.masking_utils import create_bidirectional_mask
+            from transformers.models.distilbert.modeling_distilbert import eager_attention_forward
         except ImportError as error:
             return f"transformers' attention functions are not importable here: {error}"
-        host = nn.Module().eval()
-        host.is_causal = False
-        mask = masks[f"transformers-{implementation}"]
+        function = eager_attention_forward if implementation == "eager" else sdpa_attention_forward
+        config, host, mask = transformers.DistilBertConfig(), nn.Module().eval(), masks["attention_mask"]
+        config._attn_implementation, host.is_causal = implementation, False
+        if mask is not None:  # (batch, 1, seq, seq); only the shape, dtype and device of the embeddings are read
+            embeds = torch.zeros(*mask.shape, 1, device=mask.device, dtype=masks["dtype"])
+            mask = create_bidirectional_mask(config=config, inputs_embeds=embeds, attention_mask=mask)
         return lambda q, k, v: function(host, q, k, v, mask, dropout=0.0, scaling=q.size(-1) ** -0.5)[0].flatten(2)
 
     return make
@@ -132,29 +137,15 @@ def lengths_of(batch: int, seq: int, mask: str) -> list[int]:
 
 
 def make_masks(batch: int, seq: int, mask: str, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """The case's mask in each library's format: distilqa's (batch, 1, 1, seq) bool key mask or
-    PackedWindows; transformers' (batch, 1, seq, seq) masks as its create_bidirectional_mask builds them."""
-    if mask == "none":
-        return {"distilqa": None, "transformers-eager": None, "transformers-sdpa": None}
+    """The case's mask for distilqa (a (batch, 1, 1, seq) bool key mask or PackedWindows) and as an
+    attention_mask (batch, seq) of ones and zeros for transformers (None for none or packed)."""
     if mask == "squad-packed":
         windows = PackedWindows(tuple(lengths_of(batch, seq, mask)))
-        return {"distilqa": windows, "offsets": torch.tensor(windows.offsets, device=device)}
+        return {"distilqa": windows, "offsets": torch.tensor(windows.offsets, device=device), "attention_mask": None}
     lengths = torch.tensor(lengths_of(batch, seq, mask), device=device)
-    attention_mask = (torch.arange(seq, device=device)[None, :] < lengths[:, None]).long()  # (batch, seq)
-    masks: dict[str, Any] = {"distilqa": attention_mask.bool()[:, None, None, :]}
-    try:
-        import transformers
-        from transformers.masking_utils import create_bidirectional_mask
-    except ImportError:  # the transformers rows then say why they are skipped
-        return masks
-    embeds = torch.zeros(batch, seq, 1, device=device, dtype=dtype)  # only its shape, dtype, device are read
-    for implementation in ("eager", "sdpa"):
-        config = transformers.DistilBertConfig()
-        config._attn_implementation = implementation
-        masks[f"transformers-{implementation}"] = create_bidirectional_mask(
-            config=config, inputs_embeds=embeds, attention_mask=attention_mask
-        )
-    return masks
+    attention_mask = (torch.arange(seq, device=device)[None, :] < lengths[:, None]).long() if mask != "none" else None
+    key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+    return {"distilqa": key_mask, "attention_mask": attention_mask, "dtype": dtype}
 
 
 def matmul_ceiling(device: torch.device, dtype_names: list[str], args: argparse.Namespace) -> dict[str, Any]:

@@ -91,33 +91,27 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 def script(name: str, doc: str, options: Callable, run: Callable, table: Callable, plot: Callable | None,
            repeats: int, warmup: int, argv: list[str] | None) -> dict[str, Any]:  # fmt: skip
-    """What each script's ``main`` does: parse the common options and its own, measure, write the JSON,
-    then print its table and draw its picture from the JSON's content."""
+    """What each script's ``main`` does: parse the common options and its own, measure, write the JSON
+    (by default benchmarks/results/<name>-<device>.json), then print its table and draw its picture."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    add_arguments(parser, repeats, warmup)
+    add = parser.add_argument
+    add("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    add("--dtypes", default=None, help="comma list of fp32,fp16,bf16 (default: fp32 on CPU, all on CUDA)")
+    add("--threads", type=int, default=None, help="torch threads (default: all usable cores)")
+    add("--repeats", type=int, default=repeats, help="timed runs of each case")
+    add("--warmup", type=int, default=warmup, help="untimed runs of each case first")
+    add("--small", action="store_true", help="tiny sizes, to check that the script works")
+    add("--output", type=Path, default=None, help="JSON path (default benchmarks/results/)")
+    add("--plot", type=Path, default=None, help="PNG path (default: beside the JSON)")
     options(parser)
     args = parser.parse_args(argv)
     payload = run(args)
-    output, png = output_paths(args, name)
+    output = args.output or RESULTS / f"{name}{'-small' if args.small else ''}-{torch.device(args.device).type}.json"
     print(f"wrote {write_json(output, payload)}")
     print(table(payload))
     if plot is not None:
-        print(f"wrote {plot(payload, png)}")
+        print(f"wrote {plot(payload, args.plot or output.with_suffix('.png'))}")
     return payload
-
-
-def add_arguments(parser: argparse.ArgumentParser, repeats: int, warmup: int) -> None:
-    """The options every script takes."""
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    parser.add_argument(
-        "--dtypes", default=None, help="comma list of fp32,fp16,bf16 (default: fp32 on CPU, all on CUDA)"
-    )
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all usable cores)")
-    parser.add_argument("--repeats", type=int, default=repeats, help="timed runs of each case")
-    parser.add_argument("--warmup", type=int, default=warmup, help="untimed runs of each case first")
-    parser.add_argument("--small", action="store_true", help="tiny sizes, to check that the script works")
-    parser.add_argument("--output", type=Path, default=None, help="JSON path (default benchmarks/results/)")
-    parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: beside the JSON)")
 
 
 def setup(args: argparse.Namespace) -> tuple[torch.device, list[str]]:
@@ -132,13 +126,6 @@ def setup(args: argparse.Namespace) -> tuple[torch.device, list[str]]:
     if args.repeats < 1 or args.warmup < 0:
         raise SystemExit("--repeats must be >= 1 and --warmup >= 0")
     return device, names
-
-
-def output_paths(args: argparse.Namespace, name: str) -> tuple[Path, Path]:
-    """The JSON and PNG paths: --output and --plot, by default benchmarks/results/<name>-<device>."""
-    device = torch.device(args.device).type
-    output = args.output or RESULTS / f"{name}{'-small' if args.small else ''}-{device}.json"
-    return output, args.plot or output.with_suffix(".png")
 
 
 def parse_pairs(text: str) -> list[tuple[int, int]]:
