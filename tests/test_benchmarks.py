@@ -236,6 +236,13 @@ def test_gpu_script_dry_run(tmp_path):
     assert all(r["max_abs_diff_vs_sdpa_math"] <= 1e-5 for r in triton)
 
 
+def test_run_all_checks_every_step_name_before_running_any(tmp_path):
+    env = {**ENV, "PYTHON": str(tmp_path / "no-python")}  # a step that started would fail differently
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "run_all.sh"), "forward", "fowrard"],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)  # fmt: skip
+    assert result.returncode == 2 and "unknown step fowrard" in result.stderr and not result.stdout
+
+
 def test_docs_tables_are_the_committed_results():
     """The results tables of docs/ are made from benchmarks/results/*.json by benchmarks/report.py."""
     pages = {page.name: page.read_text(encoding="utf-8") for page in report.DOCS.glob("*.md")}
