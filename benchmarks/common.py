@@ -269,11 +269,11 @@ def horizontal_bars(axis: Any, panel: dict[str, Any], palette: dict[str, Any]) -
     for y, value in enumerate(values):
         if math.isfinite(value):
             axis.text(value + top * 0.01, y, cell(value), va="center", fontsize=7, backgroundcolor="white")
-    if "line" in panel:
-        axis.axvline(panel["line"][0], color="black", linestyle="--", linewidth=1)
-        axis.text(panel["line"][0], len(names) - 0.6, f"{panel['line'][1]} ", fontsize=7, ha="right")
+    line = panel.get("line")
+    if line:
+        axis.axvline(line[0], color="black", linestyle="--", linewidth=1)
     axis.set_xlim(0, top * 1.18)
-    axis.set_xlabel(panel["xlabel"], fontsize=8)
+    axis.set_xlabel(panel["xlabel"] + (f"; dashed: {line[1]}, {cell(line[0])}" if line else ""), fontsize=8)
     axis.grid(axis="x", alpha=0.3)
 
 
