@@ -24,6 +24,7 @@ import torch
 
 from distilqa.config import DistilBertConfig
 from distilqa.hardware import cpu_info, has_native_bfloat16
+from distilqa.linear import onednn_available
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -147,6 +148,44 @@ def window_flops(config: DistilBertConfig, length: int) -> dict[str, int]:
     linear = config.n_layers * per_token * length + 2 * length * config.dim * 2
     attention = config.n_layers * 2 * 2 * config.n_heads * length * length * config.head_dim
     return {"linear": linear, "attention": attention, "total": linear + attention}
+
+
+def layer_gemms(config: DistilBertConfig) -> list[tuple[int, int, int]]:
+    """(K, N, count) of one encoder layer's linear layers: q, k, v, out; lin1; lin2."""
+    return [(config.dim, config.dim, 4), (config.dim, config.hidden_dim, 1), (config.hidden_dim, config.dim, 1)]
+
+
+def gemm_reference(config: DistilBertConfig, tokens: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """One encoder layer's GEMMs (no bias: pure matrix products) at M = ``tokens``, per library:
+    {"gemm F.linear": fn, "gemm onednn": fn}. F.linear is MKL for fp32 on the CPU; the faster library
+    is the practical limit of a forward pass."""
+    generator = torch.Generator().manual_seed(1)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(device, dtype)
+
+    work = [(randn(tokens, k), randn(n, k), count) for k, n, count in layer_gemms(config)]
+    libraries = {"F.linear": lambda x, w: torch.nn.functional.linear(x, w)}
+    if device.type == "cpu" and dtype == torch.float32 and onednn_available():
+        libraries["onednn"] = lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+    def run(linear: Callable) -> Callable[[], None]:
+        return lambda: [linear(x, w) for x, w, count in work for _ in range(count)]
+
+    return {f"gemm {name}": run(linear) for name, linear in libraries.items()}
+
+
+def gemm_rates(config: DistilBertConfig, device: torch.device, repeats: int = 5) -> dict[str, float]:
+    """fp32 GFLOP/s of each library at the layer's GEMMs, the best over M = 384, 2048 and 3072 tokens
+    (a window, the pipeline's CPU token cap, 8 windows)."""
+    rates: dict[str, float] = {}
+    for tokens in (384, 2048, 3072):
+        flops = sum(2 * tokens * k * n * count for k, n, count in layer_gemms(config))
+        timings = time_round_robin(gemm_reference(config, tokens, device, torch.float32), 1, repeats, device)
+        for name, timing in timings.items():
+            library = name.removeprefix("gemm ")
+            rates[library] = max(rates.get(library, 0.0), flops / timing["median_ms"] / 1e6)
+    return rates
 
 
 def summarize(seconds: Sequence[float]) -> dict[str, Any]:

@@ -28,12 +28,11 @@ if __package__ in (None, ""):  # run as `python benchmarks/forward.py`: make `be
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks import common
 from benchmarks.peers import load_peer
 from distilqa import DistilBertConfig, DistilBertForQuestionAnswering
-from distilqa.linear import fastest_linear_backend, onednn_available, quantize_int8
+from distilqa.linear import fastest_linear_backend, quantize_int8
 from distilqa.testing import save_reference_checkpoint
 
 SHAPES, SMALL_SHAPES = "1x128,1x384,8x384,32x128", "1x16,2x32"
@@ -94,29 +93,6 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-def layer_gemms(config: DistilBertConfig) -> list[tuple[int, int, int]]:
-    """(K, N, count) of one encoder layer's linear layers: q, k, v, out; lin1; lin2."""
-    return [(config.dim, config.dim, 4), (config.dim, config.hidden_dim, 1), (config.hidden_dim, config.dim, 1)]
-
-
-def gemm_reference(config: DistilBertConfig, tokens: int, device: torch.device, dtype: torch.dtype) -> dict:
-    """One layer's GEMMs at M = ``tokens`` per library: {"gemm F.linear": fn, "gemm onednn": fn}."""
-    generator = torch.Generator().manual_seed(1)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator).to(device, dtype)
-
-    work = [(randn(tokens, k), randn(n, k), count) for k, n, count in layer_gemms(config)]
-    libraries = {"F.linear": lambda x, w: F.linear(x, w)}
-    if device.type == "cpu" and dtype == torch.float32 and onednn_available():
-        libraries["onednn"] = lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-
-    def run(linear: Callable) -> Callable[[], None]:
-        return lambda: [linear(x, w) for x, w, count in work for _ in range(count)]
-
-    return {f"gemm {name}": run(linear) for name, linear in libraries.items()}
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device, dtype_names = common.setup(args)
     config = SMALL_CONFIG if args.small else DistilBertConfig()
@@ -165,10 +141,10 @@ def run_shape(payload, config, models, device, dtype_name, batch, seq, mask, arg
             output = call()
             first_call_ms[name] = 1000 * (time.perf_counter() - began)
             logits[name] = torch.stack([output.start_logits.float(), output.end_logits.float()])
-        gemms = gemm_reference(config, batch * seq, device, common.DTYPES[dtype_name])
+        gemms = common.gemm_reference(config, batch * seq, device, common.DTYPES[dtype_name])
         print(f"[forward] {dtype_name} {batch}x{seq} mask={mask}: timing {len(calls) + len(gemms)}", flush=True)
         timings = common.time_round_robin({**calls, **gemms}, args.warmup, args.repeats, device)
-    layer_flops = sum(2 * batch * seq * k * n * c for k, n, c in layer_gemms(config))
+    layer_flops = sum(2 * batch * seq * k * n * c for k, n, c in common.layer_gemms(config))
     by_library = {g.removeprefix("gemm "): layer_flops / timings[g]["median_ms"] / 1e6 for g in gemms}
     best = max(by_library, key=by_library.get)
     case = {"batch": batch, "seq": seq, "dtype": dtype_name, "mask": mask}

@@ -30,7 +30,6 @@ import torch
 from benchmarks import common
 from benchmarks.peers import PEERS, export_reference_onnx
 from distilqa import DistilBertConfig, QuestionAnswerer
-from distilqa.linear import LINEAR_BACKENDS, gemm_throughput, onednn_available
 from distilqa.squad import read_squad
 from distilqa.testing import save_reference_checkpoint
 from distilqa.tokenization import write_tokenizer_files
@@ -108,18 +107,6 @@ def window_logits(model: torch.nn.Module, answerer: QuestionAnswerer, questions,
     return torch.stack([out.start_logits.float().cpu(), out.end_logits.float().cpu()]) * mask
 
 
-def gemm_rates(config: DistilBertConfig) -> dict[str, float]:
-    """fp32 CPU GFLOP/s per GEMM library at the model's layer mix, each shape's best over M = 384,
-    2048 and 3072 tokens (a window, the pipeline's token cap, 8 windows): the bar end to end."""
-    shapes = [(config.dim, config.dim, 4), (config.dim, config.hidden_dim, 1), (config.hidden_dim, config.dim, 1)]
-    rates = {}
-    for backend in LINEAR_BACKENDS:
-        if backend != "onednn" or onednn_available():
-            best = {(k, n): max(gemm_throughput(backend, m, k, n) for m in (384, 2048, 3072)) for k, n, _ in shapes}
-            rates[backend] = sum(k * n * c for k, n, c in shapes) / sum(k * n * c / best[k, n] for k, n, c in shapes)
-    return rates
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import transformers
 
@@ -158,7 +145,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
     lengths = [len(w.ids) for pair in encode(fp32, questions, contexts) for w in pair]
     flops = sum(common.window_flops(fp32.model.config, n)["total"] for n in lengths)
-    gemms = gemm_rates(fp32.model.config) if device.type == "cpu" else {}
+    gemms = common.gemm_rates(fp32.model.config, device) if device.type == "cpu" else {}
     best_gemm = max(gemms.values(), default=None)
     best_reference = min((n for n in runners if n.startswith("transformers")), key=seconds.get)
     same = lambda a, b: sum(x == y for x, y in zip(answers[a], answers[b]))  # noqa: E731
