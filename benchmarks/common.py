@@ -1,8 +1,6 @@
 """What the benchmark scripts share, one of each: the machine's description, the options every script
-takes, round-robin timing, JSON, markdown tables and bar charts.
-
-Timing interleaves the things compared (A, B, C, A, B, C, ...) so that load from other processes
-lands on all of them alike and the ratios between them hold even when absolute times wander.
+takes, the GEMM reference, round-robin timing (A, B, C, A, B, C, ...: load from other processes lands
+on all alike, so ratios hold when absolute times wander), JSON, markdown tables and bar charts.
 """
 
 from __future__ import annotations
@@ -33,8 +31,8 @@ SQUAD_FILE = SHARED_DATA / "squad" / "dev-v1.1.json.zip"
 VOCAB_FILE = SHARED_DATA / "vocab" / "bert-base-cased-vocab.txt"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-# One colour family per kind of row, the same in every figure: distilqa blue, peer runtimes orange,
-# the reference (transformers) grey, a hardware bar (the best GEMM) black.
+# One colour family per kind of row, the same in every figure: distilqa blue, peer runtimes (and
+# PyTorch's own SDPA backends) orange, the reference (transformers) grey.
 FAMILIES = {"distilqa": "Blues", "peer": "Oranges", "reference": "Greys"}
 PEERS = ("onnxruntime", "openvino")
 
@@ -71,23 +69,14 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     """Where and how a result was measured: CPU model and ISA flags, threads, versions, date, load."""
     import transformers
 
-    cpu = cpu_info()
-    cuda = device.type == "cuda"
-    return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_model": cpu["model"],
-        "cpu_flags": [flag for flag, present in cpu["isa"].items() if present],
-        "native_bfloat16": has_native_bfloat16(device),
-        "logical_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if cuda else cpu["model"],
-        "cuda": torch.version.cuda if cuda else None,
-        "load_average_at_start": load_average(),
-    }
+    cpu, cuda = cpu_info(), device.type == "cuda"
+    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cpu_model": cpu["model"],
+            "cpu_flags": [flag for flag, present in cpu["isa"].items() if present],
+            "native_bfloat16": has_native_bfloat16(device), "logical_cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if cuda else cpu["model"],
+            "cuda": torch.version.cuda if cuda else None, "load_average_at_start": load_average()}  # fmt: skip
 
 
 def script(name: str, doc: str, options: Callable, run: Callable, table: Callable, plot: Callable | None,
@@ -228,16 +217,17 @@ def time_round_robin(
     return {name: summarize(seconds) for name, seconds in marks.items()}
 
 
+def clean(value: Any) -> Any:
+    """``value`` for JSON: non-finite floats become null."""
+    if isinstance(value, dict):
+        return {str(k): clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> Path:
     """Indented JSON (non-finite floats become null), folders created."""
-
-    def clean(value: Any) -> Any:
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {str(k): clean(v) for k, v in value.items()}
-        return [clean(v) for v in value] if isinstance(value, (list, tuple)) else value
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(clean(payload), indent=2) + "\n", encoding="utf-8")
