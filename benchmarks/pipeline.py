@@ -219,7 +219,7 @@ def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default=None, help=f"distilqa modes, some of {', '.join(MODES)}")
     parser.add_argument("--peers", default="onnxruntime,openvino", help="peer runtimes (CPU only; '' for none)")
     parser.add_argument("--reference-batch-sizes", default="1,8,32", help="transformers pipeline batch sizes")
-    parser.add_argument("--attn-implementation", default="sdpa", help="distilqa's attention core")
+    parser.add_argument("--attn-implementation", default="auto", help="distilqa's attention core (default auto)")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:  # one pass; --repeats and --dtypes: unused
