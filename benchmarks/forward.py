@@ -32,7 +32,7 @@ import torch
 from benchmarks import common
 from benchmarks.peers import load_peer
 from distilqa import DistilBertConfig, DistilBertForQuestionAnswering
-from distilqa.linear import fastest_linear_backend, quantize_int8
+from distilqa.linear import fastest_linear_backend, quantize_int8, set_linear_backend
 from distilqa.testing import save_reference_checkpoint
 
 SHAPES, SMALL_SHAPES = "1x128,1x384,8x384,32x128", "1x16,2x32"
@@ -86,7 +86,12 @@ VARIANTS: dict[str, Variant] = {
     "openvino": Variant(load_peer("openvino"), only="cpu", fp32_only=True),
     "distilqa-eager": Variant(distilqa_model("eager")),
     "distilqa-sdpa": Variant(distilqa_model("sdpa")),
+    # oneDNN GEMMs without, then with, GELU fused into lin1 (the backend's default), then the oneDNN attention core
+    "distilqa-onednn-unfused": Variant(
+        distilqa_model("sdpa", lambda m: set_linear_backend(m, "onednn", fuse_activations=False)), only="cpu"
+    ),
     "distilqa-onednn": Variant(distilqa_model("sdpa", lambda m: m.set_linear_backend("onednn")), only="cpu"),
+    "distilqa-onednn-attn": Variant(distilqa_model("onednn", lambda m: m.set_linear_backend("onednn")), only="cpu"),
     # what QuestionAnswerer runs by default: each switch on "auto", the faster choice measured here
     "distilqa-auto": Variant(distilqa_model("auto", lambda m: m.set_linear_backend("auto")), only="cpu"),
     "distilqa-int8": Variant(distilqa_model("sdpa", int8), only="cpu", fp32_only=True, default=False),
@@ -165,7 +170,7 @@ def run_shape(payload, config, models, device, dtype_name, batch, seq, mask, arg
              "max_abs_logit_diff": (logits[name] - logits["transformers-eager"]).abs().max().item()}
         )  # fmt: skip
     if args.profile and device.type == "cpu":
-        for name in (n for n in calls if n.endswith(("sdpa", "onednn", "auto"))):
+        for name in (n for n in calls if n.endswith(("sdpa", "onednn", "auto", "unfused", "attn"))):
             payload["profiles"].append({**case, "variant": name, **profile(calls[name])})
 
 

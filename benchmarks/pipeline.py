@@ -138,6 +138,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             runners[f"transformers b{b}"] = lambda q, c, b=b: pipe(question=q, context=c, batch_size=b)
         models["transformers"] = pipe.model.eval()
         answers, seconds, first_call = interleaved(runners, questions, contexts, args.chunks)
+        phases = {
+            name: pipeline_phases(answerers[name], questions, contexts) for name in answerers if "int8" not in name
+        }
         sample = window_logits(fp32.model, fp32, questions[:16], contexts[:16])
         deviation = {
             name: (window_logits(model, fp32, questions[:16], contexts[:16]) - sample).abs().max().item()
@@ -168,7 +171,51 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "peers": peers, "best_reference": best_reference, "chunks_interleaved": args.chunks}  # fmt: skip
     machine = {**common.machine_info(device), "load_average_at_end": common.load_average()}
     return {"benchmark": "pipeline", "machine": machine, "settings": settings, "fp32_gemm_gflop_per_s": gemms,
-            "best_fp32_gemm_gflop_per_s": best_gemm, "results": rows}  # fmt: skip
+            "best_fp32_gemm_gflop_per_s": best_gemm, "results": rows, "phases": phases}  # fmt: skip
+
+
+# Where an answerer's time goes, by the function that spends it (cProfile's cumulative time).
+PHASES = {
+    "tokenization": ("tokenization.py", "encode_windows"),
+    "forward": ("model.py", "forward"),  # the model's own forward, outermost call
+    "packing and batching": ("pipeline.py", "_run"),  # _run minus the forward inside it
+    "span decoding": ("pipeline.py", "decode_spans"),
+    "merging": ("pipeline.py", "merge_answers"),
+    "character offsets": ("pipeline.py", "_characters"),
+}
+
+
+def pipeline_phases(answerer: QuestionAnswerer, questions: list[str], contexts: list[str]) -> dict[str, float]:
+    """Shares of one pass's wall time per phase (PHASES; "other" the rest), measured with cProfile."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    began = time.perf_counter()
+    profiler.runcall(answerer, questions, contexts)
+    total = time.perf_counter() - began
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, primitive calls, tottime, cumtime, callers)
+    cumulative = {
+        phase: max(
+            (v[3] for (path, _, name), v in stats.items() if path.endswith(f"distilqa/{file}") and name == fn),
+            default=0.0,
+        )
+        for phase, (file, fn) in PHASES.items()
+    }
+    cumulative["packing and batching"] -= cumulative["forward"]
+    shares = {phase: seconds / total for phase, seconds in cumulative.items()}
+    return {**shares, "other": 1 - sum(shares.values()), "seconds": total}
+
+
+def phases_table(payload: dict[str, Any]) -> str:
+    """Where each distilqa mode's time goes, as shares of one profiled pass."""
+    phases = payload.get("phases", {})
+    names = [*PHASES, "other"]
+    rows = [
+        [runner] + [f"{100 * shares[p]:.0f}%" for p in names] + [f"{shares['seconds']:.2f}"]
+        for runner, shares in phases.items()
+    ]
+    return common.markdown_table(["runner", *names, "seconds (profiled)"], rows)
 
 
 def table(payload: dict[str, Any]) -> str:
