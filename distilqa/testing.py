@@ -22,10 +22,11 @@ from distilqa.config import DistilBertConfig
 CLS_ID = 101  # BERT's [CLS] id, the first token of every window
 # The spread of the noise save_reference_checkpoint adds to what transformers initialises at zero
 # (biases) or one (LayerNorm weights): large enough that a dropped or misplaced bias or LayerNorm
-# parameter moves the logits far beyond any parity tolerance, small enough to keep activations as
-# a trained model's (a trained DistilBERT's biases and LayerNorm shifts are of this order).
-BIAS_STD = 0.05
-LAYER_NORM_STD = 0.1
+# parameter moves the results far beyond any parity tolerance (by 1e-1, measured), small enough that
+# a sharpened span head still scores like a trained model (at 0.05 / 0.1 the median best span fell
+# from 0.29 to 0.04 on the pipeline parity sample).
+BIAS_STD = 0.02
+LAYER_NORM_STD = 0.05
 
 
 # --------------------------------------------------------------------------- #
