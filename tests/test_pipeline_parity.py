@@ -2,7 +2,7 @@
 on every inference path.
 
 Both run the ``peaked_checkpoint`` (random weights at the published configuration with a sharpened
-span head, so that the best span has probability 0.01-0.73 as a trained model's would; with plain
+span head, so that the best span has probability 0.01-0.63 as a trained model's would; with plain
 random weights every span scores ~1e-4 and no score check could fail) and the same tokenizer files
 (written by transformers). Questions: every 21st SQuAD v1.1 dev question (504, all 48 articles) plus
 40 contexts of 2 to 3 windows made by joining paragraphs (544 pairs).
@@ -56,9 +56,10 @@ SCORE_RTOL = {"float32": 1.5e-4, "bfloat16": 0.6, "float16": 0.08, "compiled": 1
 NEAR_TIE = {"float32": 1.5e-4, "bfloat16": 0.6, "float16": 0.08}
 # The full sample, packed fp32 (measured: 544/544 for each of the 4 option combinations).
 MIN_IDENTICAL = {(o["top_k"], o["handle_impossible_answer"]): 544 for o in OPTIONS}
-# Half precision against the fp32 reference, top_k 1. Measured: bfloat16 133/136 (the 3 others near
-# ties, relative gaps 0.12, 0.22 and 0.27), float16 34/34.
-MIN_IDENTICAL_SHARE = {"bfloat16": 0.95, "float16": 0.97}
+# Half precision against the fp32 reference, top_k 1. Measured: bfloat16 124/136 (the 12 others near
+# ties, relative gaps 0 to 0.27; max relative score difference 0.44), float16 34/34, on the checkpoint
+# with perturbed biases and LayerNorms (133/136 before, with zero biases).
+MIN_IDENTICAL_SHARE = {"bfloat16": 0.88, "float16": 0.97}
 
 
 def option_id(options: dict) -> str:
@@ -225,7 +226,7 @@ def test_long_contexts_span_several_windows(squad_articles, ours):
 
 def test_scores_look_trained(sample, ours, reference):
     """The checkpoint's best spans have the probabilities of a trained model's, so the score checks
-    above can fail: measured min 0.012, median 0.29, max 0.73 over the full sample (top_k 1)."""
+    above can fail: measured min 0.013, median 0.21, max 0.63 over the full sample (top_k 1)."""
     answerer, counts = ours
     if "best_scores" not in counts:  # the full-sample tests were deselected
         run_both(answerer, reference, sample[::16], dict(top_k=1), "float32", counts)
