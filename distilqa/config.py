@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from distilqa.validate import positive_int
+
 ACTIVATIONS = ("gelu", "relu")
 
 
@@ -48,9 +50,7 @@ class DistilBertConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field."""
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim", "max_position_embeddings"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"config: {name} must be a positive integer, got {value!r}")
+            positive_int(f"config: {name}", getattr(self, name))
         if self.dim % self.n_heads != 0:
             raise ValueError(
                 f"config: dim ({self.dim}) must be divisible by n_heads ({self.n_heads}) "

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from distilqa.files import atomic_write, check_output
 from distilqa.model import DistilBertForQuestionAnswering
+from distilqa.testing import random_inputs
 from distilqa.weights import CONFIG_FILE, TOKENIZER_FILES, load_checkpoint
 
 ONNX_FILE = "model.onnx"
@@ -83,19 +84,12 @@ def _require_onnx():
     return onnx, onnxruntime
 
 
-def check_inputs(
-    vocab_size: int, batch: int, seq: int, padded: bool, generator: torch.Generator
-) -> tuple[Tensor, Tensor]:
-    """Random token ids (batch, seq) and an attention mask (batch, seq): all ones, or with ``padded``
-    the rows shortened to decreasing lengths (the first row stays full) with pad id 0 after them."""
-    input_ids = torch.randint(1, vocab_size, (batch, seq), generator=generator)
-    attention_mask = torch.ones(batch, seq, dtype=torch.long)
-    if padded:
-        for row in range(1, batch):
-            length = max(1, seq - row * max(1, seq // (batch + 1)))
-            attention_mask[row, length:] = 0
-            input_ids[row, length:] = 0
-    return input_ids, attention_mask
+def check_lengths(batch: int, seq: int, padded: bool) -> list[int]:
+    """Real tokens per row of a check batch: all ``seq``, or with ``padded`` decreasing lengths after a
+    full first row (so the padded path of every row is compared too)."""
+    if not padded:
+        return [seq] * batch
+    return [seq] + [max(1, seq - row * max(1, seq // (batch + 1))) for row in range(1, batch)]
 
 
 def compare_with_onnxruntime(
@@ -112,7 +106,8 @@ def compare_with_onnxruntime(
     worst, checked = 0.0, []
     for batch, seq in shapes:
         for padded in (False, True) if batch > 1 else (False,):
-            input_ids, attention_mask = check_inputs(model.config.vocab_size, batch, seq, padded, generator)
+            lengths = check_lengths(batch, seq, padded)
+            input_ids, attention_mask = random_inputs(model.config.vocab_size, lengths, seq, generator=generator)
             with torch.inference_mode():
                 expected = model(input_ids.to(model.device), attention_mask.to(model.device))
             got = session.run(
@@ -199,7 +194,7 @@ def trace_example(model: DistilBertForQuestionAnswering, path: Path) -> None:
     ``torch.export`` cannot trace; tracing a padded example records the masked path, which is exact
     for unpadded input too (a mask of all ones masks nothing)."""
     length = min(16, model.config.max_position_embeddings)
-    input_ids, attention_mask = check_inputs(model.config.vocab_size, 2, length, True, torch.Generator().manual_seed(0))
+    input_ids, attention_mask = random_inputs(model.config.vocab_size, check_lengths(2, length, True), length)
     axes = {name: {0: "batch", 1: "seq"} for name in (*INPUT_NAMES, *OUTPUT_NAMES)}
     backend = model.linear_backend
     model.set_linear_backend("aten")  # oneDNN's GEMM is a custom op with no ONNX form; the arithmetic is the same
