@@ -126,11 +126,13 @@ def auto_linear_backend_is_aten():
     """The "auto" GEMM backend is whichever library a quick measurement finds faster: on a machine busy
     with other work that choice (and so which code path a test runs, and its last-digit rounding) could
     change from run to run. In tests the measurement is a tie, so "auto" is PyTorch's default, "aten";
-    tests of the oneDNN path ask for it by name. (Commands run in subprocesses still measure.)"""
-    from distilqa import linear
+    tests of the oneDNN path ask for it by name. The "auto" attention core likewise runs "sdpa".
+    (Commands run in subprocesses still measure.)"""
+    from distilqa import attention, linear
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(linear, "gemm_throughput", lambda backend, *args, **kwargs: 1.0)
+        patch.setattr(attention, "fastest_cpu_attention", lambda: "sdpa")
         linear.fastest_linear_backend.cache_clear()
         yield
     linear.fastest_linear_backend.cache_clear()
