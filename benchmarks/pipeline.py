@@ -212,7 +212,7 @@ def phases_table(payload: dict[str, Any]) -> str:
     phases = payload.get("phases", {})
     names = [*PHASES, "other"]
     rows = [
-        [runner] + [f"{100 * shares[p]:.0f}%" for p in names] + [f"{shares['seconds']:.2f}"]
+        [runner] + [f"{100 * shares[p]:.1f}%" for p in names] + [f"{shares['seconds']:.2f}"]
         for runner, shares in phases.items()
     ]
     return common.markdown_table(["runner", *names, "seconds (profiled)"], rows)
