@@ -250,8 +250,8 @@ BUGS = [
     Bug(
         "cli: failing pair named by its position in the chunk, not its line",
         "distilqa/cli.py",
-        "line = lines[first + error.index]",
-        "line = lines[error.index]",
+        "lines[first + error.index]",
+        "lines[error.index]",
         ("tests/test_cli.py", "-k", "jsonl"),
     ),
 ]
