@@ -37,7 +37,7 @@ class PackedWindows:
     tokens ``offsets[i]:offsets[i + 1]`` are window i. Attention stays inside each window."""
 
     lengths: tuple[int, ...]
-    _cu_seqlens: dict = field(default_factory=dict, repr=False)  # device -> cu_seqlens, see cu_seqlens()
+    _cu_seqlens: dict = field(default_factory=dict, init=False, repr=False)  # device -> see cu_seqlens()
 
     def __post_init__(self) -> None:
         if not self.lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.lengths):

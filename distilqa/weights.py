@@ -122,6 +122,14 @@ def convert_state_dict(stored: dict[str, Tensor], expected: dict[str, Tensor], s
     return converted
 
 
+def checkpoint_config(name_or_path: str | os.PathLike, revision: str | None = None) -> tuple[Path, DistilBertConfig]:
+    """The checkpoint's folder (:func:`resolve_checkpoint`) and the configuration in its config.json."""
+    directory = resolve_checkpoint(name_or_path, revision)
+    if not (directory / CONFIG_FILE).exists():
+        raise CheckpointError(f"{directory} has no {CONFIG_FILE}")
+    return directory, DistilBertConfig.from_json_file(directory / CONFIG_FILE)
+
+
 def load_pretrained(
     model_class: type,
     name_or_path: str | os.PathLike,
@@ -136,11 +144,7 @@ def load_pretrained(
     reads it) on ``device`` (default CPU), its linear layers on ``linear_backend``."""
     device = torch.device(device or "cpu")
     dtype = resolve_dtype(dtype, device)
-    directory = resolve_checkpoint(name_or_path, revision)
-    config_path = directory / CONFIG_FILE
-    if not config_path.exists():
-        raise CheckpointError(f"{directory} has no {CONFIG_FILE}")
-    config = DistilBertConfig.from_json_file(config_path)
+    directory, config = checkpoint_config(name_or_path, revision)
     with torch.device("meta"):  # no time spent initialising weights the checkpoint replaces
         model = model_class(config, attn_implementation=attn_implementation)
     state = convert_state_dict(read_state_dict(directory), model.state_dict(), directory)
@@ -186,14 +190,11 @@ def load_checkpoint(
     ``fit_tokenizer=False`` (``distilqa verify``, which reports misfits instead) skips the check and
     accepts a folder without tokenizer files (``tokenizer`` None)."""
     device = resolve_device(device)
-    directory = resolve_checkpoint(name_or_path, revision)
-    config_path = directory / CONFIG_FILE
-    if not config_path.exists():
-        raise CheckpointError(f"{directory} has no {CONFIG_FILE}")
+    directory, config = checkpoint_config(name_or_path, revision)
     has_tokenizer = any((directory / name).is_file() for name in ("tokenizer.json", "vocab.txt"))
     tokenizer = QuestionContextTokenizer.from_pretrained(directory) if fit_tokenizer or has_tokenizer else None
     if fit_tokenizer:
-        check_tokenizer(tokenizer, DistilBertConfig.from_json_file(config_path), directory)
+        check_tokenizer(tokenizer, config, directory)
     model = model_class.from_pretrained(
         directory, device=device, dtype=dtype, attn_implementation=attn_implementation, linear_backend=linear_backend
     )
