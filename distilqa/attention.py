@@ -231,19 +231,25 @@ def auto_attention(
     need_weights: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """On the CPU, whichever of :func:`onednn_attention` and :func:`sdpa_attention` is measured faster on
-    this machine (once per process, :func:`fastest_cpu_attention`); elsewhere :func:`sdpa_attention`."""
-    core = ATTENTION_IMPLEMENTATIONS[fastest_cpu_attention()] if query.device.type == "cpu" else sdpa_attention
+    this machine for the query's dtype (once per process, :func:`fastest_cpu_attention`); elsewhere
+    :func:`sdpa_attention`."""
+    cpu = query.device.type == "cpu"
+    core = ATTENTION_IMPLEMENTATIONS[fastest_cpu_attention(query.dtype)] if cpu else sdpa_attention
     return core(query, key, value, mask, dropout_p, need_weights)
 
 
 @functools.cache
-def fastest_cpu_attention(heads: int = 12, seq: int = 384, head_dim: int = 64, repeat: int = 7) -> str:
-    """ "onednn" or "sdpa": the faster, median of ``repeat``, on one float32 window of the published
-    model's shape (about 0.2 s, once per process). oneDNN only when clearly faster: at a tie, sdpa."""
-    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+def fastest_cpu_attention(
+    dtype: torch.dtype = torch.float32, heads: int = 12, seq: int = 384, head_dim: int = 64, repeat: int = 7
+) -> str:
+    """ "onednn" or "sdpa": the faster, median of ``repeat``, on one window of the published model's
+    shape in ``dtype`` (about 0.2 s, once per process and dtype). oneDNN only when clearly faster: at
+    a tie, sdpa; and sdpa for a dtype the oneDNN core does not run."""
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise") or dtype not in (torch.float32, torch.bfloat16):
         return "sdpa"
     generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, seq, heads, head_dim, generator=generator).transpose(1, 2) for _ in range(3))
+    shape = (1, seq, heads, head_dim)
+    q, k, v = (torch.randn(shape, generator=generator).to(dtype).transpose(1, 2) for _ in range(3))
     median = {}
     with torch.inference_mode():
         for name in ("sdpa", "onednn"):

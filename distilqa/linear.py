@@ -8,9 +8,12 @@ class's parameters, its state dict and its autograd (training always runs ``F.li
 :func:`set_linear_backend` switches it back and forth.
 
     "aten"    F.linear, PyTorch's default (MKL for float32 on the CPU)
-    "onednn"  oneDNN's fp32 GEMM (``torch.ops.mkldnn._linear_pointwise``) for float32 CPU inference,
-              with the feed-forward activation fused into ``lin1`` as a post-op
-    "auto"    whichever of the two is measured faster here, at the model's own shape
+    "onednn"  oneDNN's GEMM (``torch.ops.mkldnn._linear_pointwise``) for float32 and bfloat16 CPU
+              inference, with the work that follows a GEMM done as it writes its output ("post-ops"):
+              the feed-forward activation fused into ``lin1``, and the residual connection's add into
+              ``out_lin`` and ``lin2`` (:func:`linear_add`)
+    "auto"    whichever of the two is measured faster here for the model's dtype, on a feed-forward
+              block of the model's own shape run as each backend runs it
 """
 
 from __future__ import annotations
@@ -39,43 +42,73 @@ POST_OPS: dict[str, tuple[type[nn.Module], str, Callable[[Tensor], Tensor]]] = {
 
 
 class OneDNNLinear(nn.Linear):
-    """``nn.Linear`` whose float32 CPU inference runs oneDNN's GEMM, with the activation that follows
-    it fused in when ``post_op`` names one. Anything else runs ``F.linear`` and the activation as
-    usual, so the module stays a drop-in: training with gradients, other devices, inside
-    torch.compile, and bfloat16 (where ``F.linear`` already calls oneDNN, and measured faster than
-    ``_linear_pointwise``: benchmarks/results)."""
+    """``nn.Linear`` whose float32 and bfloat16 CPU inference runs oneDNN's GEMM, with the activation
+    that follows it fused in when ``post_op`` names one, and a ``residual`` added as the output is
+    written when one is given. Anything else runs ``F.linear``, the activation and the add as usual,
+    so the module stays a drop-in: training with gradients, other devices, inside torch.compile."""
 
     post_op = "none"  # or a key of POST_OPS, set by set_linear_backend on a layer whose activation it took
+    fuse_residual = True  # linear_add passes the residual in (False: set_linear_backend(fuse_post_ops=False))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """x (..., in) -> (..., out); residual (..., out), added to the output when given."""
+        fused = POST_OPS.get(self.post_op)
+        if self._runs_onednn(x) and residual is None:
+            return torch.ops.mkldnn._linear_pointwise(
+                x, self.weight, self.bias, self.post_op, [], fused[1] if fused else ""
+            )
         if (
+            self._runs_onednn(x)
+            and not fused
+            and residual.dtype == x.dtype
+            and residual.shape == (*x.shape[:-1], self.out_features)
+        ):
+            # oneDNN's binary post-op: the GEMM adds the residual as it writes its output
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
+        y = F.linear(x, self.weight, self.bias)  # (..., out)
+        y = fused[2](y) if fused else y
+        return y if residual is None else y + residual
+
+    def _runs_onednn(self, x: Tensor) -> bool:
+        return (
             x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and self.weight.dtype == torch.float32
+            and x.shape[-1] > 0  # oneDNN refuses an empty reduction (a layer whose inputs were all pruned)
+            and x.dtype in (torch.float32, torch.bfloat16)
+            and self.weight.dtype == x.dtype
             and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
             and not torch.compiler.is_compiling()  # inside torch.compile, inductor picks the GEMM
-        ):
-            algorithm = POST_OPS[self.post_op][1] if self.post_op in POST_OPS else ""
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.post_op, [], algorithm)
-        y = F.linear(x, self.weight, self.bias)  # (..., out)
-        return POST_OPS[self.post_op][2](y) if self.post_op in POST_OPS else y
+        )
+
+
+def linear_add(layer: nn.Module, x: Tensor, residual: Tensor | None = None, dropout: nn.Module | None = None) -> Tensor:
+    """``dropout(layer(x)) + residual`` (each of the two optional): a sub-layer's last projection and
+    the residual connection around it, (..., in) -> (..., out). A :class:`OneDNNLinear` adds the
+    residual inside its GEMM when there is no dropout to apply between the two (inference); any other
+    layer computes it as written, in that order (the reference's: bit for bit on "aten")."""
+    inactive = dropout is None or not dropout.training or dropout.p == 0.0
+    if residual is not None and inactive and isinstance(layer, OneDNNLinear) and layer.fuse_residual:
+        return layer(x, residual)
+    y = layer(x) if dropout is None else dropout(layer(x))
+    return y if residual is None else y + residual
 
 
 BACKEND_CLASSES: dict[str, type[nn.Linear]] = {"aten": nn.Linear, "onednn": OneDNNLinear}
 
 
-def set_linear_backend(module: nn.Module, backend: str = "auto", fuse_activations: bool = True) -> str:
+def set_linear_backend(module: nn.Module, backend: str = "auto", fuse_post_ops: bool = True) -> str:
     """Make every ``nn.Linear`` inside ``module`` run on ``backend`` (see the module docstring) and
     return the backend chosen. The modules keep their identity and parameters: only their class
     changes, between ``nn.Linear`` and its subclass :class:`OneDNNLinear` (the technique
     ``torch.nn.utils.parametrize`` uses).
 
-    With "onednn" and ``fuse_activations``, a feed-forward block's activation (a module with ``lin1``
+    With "onednn" and ``fuse_post_ops``, a feed-forward block's activation (a module with ``lin1``
     and an ``activation`` of a kind in POST_OPS) becomes ``lin1``'s post-op, and the block's
     ``activation`` an ``nn.Identity`` in its place: the model's repr shows the fusion, its state dict
-    is unchanged, and any other backend puts the activation module back."""
+    is unchanged, and any other backend puts the activation module back. The residual adds of
+    :func:`linear_add` run inside the GEMM too; ``fuse_post_ops=False`` runs both after it."""
     if backend == "auto":
-        backend = fastest_linear_backend()
+        dtypes = {layer.weight.dtype for layer in module.modules() if type(layer) in BACKEND_CLASSES.values()}
+        backend = fastest_linear_backend(dtypes.pop()) if len(dtypes) == 1 else "aten"
     if backend not in LINEAR_BACKENDS:
         raise ValueError(f"unknown linear backend {backend!r}; expected 'auto' or one of {', '.join(LINEAR_BACKENDS)}")
     if backend == "onednn" and not onednn_available():
@@ -87,7 +120,10 @@ def set_linear_backend(module: nn.Module, backend: str = "auto", fuse_activation
     for layer in module.modules():
         if type(layer) in BACKEND_CLASSES.values():  # exact types: never touch a quantised or custom linear
             layer.__class__ = BACKEND_CLASSES[backend]
-    if backend == "onednn" and fuse_activations:
+            layer.__dict__.pop("fuse_residual", None)
+            if backend == "onednn" and not fuse_post_ops:
+                layer.fuse_residual = False
+    if backend == "onednn" and fuse_post_ops:
         for block in _feed_forward_blocks(module):
             name = next((n for n, (kind, _, _) in POST_OPS.items() if type(block.activation) is kind), None)
             if type(block.lin1) is OneDNNLinear and name and getattr(block.activation, "approximate", "none") == "none":
@@ -105,27 +141,32 @@ def linear_backend(module: nn.Module) -> str:
     return names.pop() if len(names) == 1 else "mixed"
 
 
-def gemm_throughput(backend: str, tokens: int = 384, dim: int = 768, out: int = 768, repeat: int = 5) -> float:
-    """Float32 GFLOP/s of one backend on the CPU for (tokens, dim) x (dim, out), best of ``repeat``."""
-    layer = nn.Linear(dim, out).requires_grad_(False)
-    set_linear_backend(layer, backend)
-    x = torch.randn(tokens, dim)
+def gemm_throughput(
+    backend: str, dtype: torch.dtype = torch.float32, tokens: int = 128, dim: int = 768, hidden: int = 3072
+) -> float:
+    """GFLOP/s of one backend on the CPU running a feed-forward block's GEMMs as the model runs them on
+    it, (tokens, dim) -> lin1 and GELU -> lin2 plus the residual, best of 5."""
+    block = nn.Module()
+    block.lin1, block.activation, block.lin2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+    block.requires_grad_(False).to(dtype)
+    set_linear_backend(block, backend)
+    x = torch.randn(tokens, dim, dtype=dtype)
+    seconds = []
     with torch.inference_mode():
-        layer(x)  # warm-up: first-call set-up and page faults
-        best = float("inf")
-        for _ in range(repeat):
+        for _ in range(6):
             began = time.perf_counter()
-            layer(x)
-            best = min(best, time.perf_counter() - began)
-    return 2 * tokens * dim * out / best / 1e9
+            linear_add(block.lin2, block.activation(block.lin1(x)), x)
+            seconds.append(time.perf_counter() - began)
+    return 2 * 2 * tokens * dim * hidden / min(seconds[1:]) / 1e9  # the first call sets up: not counted
 
 
 @functools.cache
-def fastest_linear_backend() -> str:
-    """The float32 CPU backend measured fastest on this machine (about 20 ms, once per process)."""
-    if not onednn_available():
+def fastest_linear_backend(dtype: torch.dtype = torch.float32) -> str:
+    """The CPU backend measured fastest for ``dtype`` on this machine (about 0.1 s, once per process
+    and dtype); "aten" for a dtype oneDNN does not run here."""
+    if not onednn_available() or dtype not in (torch.float32, torch.bfloat16):
         return "aten"
-    measured = {backend: gemm_throughput(backend) for backend in LINEAR_BACKENDS}
+    measured = {backend: gemm_throughput(backend, dtype) for backend in LINEAR_BACKENDS}
     # oneDNN only when clearly faster: at a tie keep PyTorch's default.
     return "onednn" if measured["onednn"] > 1.1 * measured["aten"] else "aten"
 

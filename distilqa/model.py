@@ -15,9 +15,8 @@ state as the start and as the end of the answer span.
 Module names mirror the published checkpoint's keys (``distilbert.transformer.layer.0.attention.q_lin.weight``)
 so its weights load strictly, with no renaming.
 
-This is the only implementation of the network in distilqa. Speed comes from switches on this one
-model, each tested for the same logits: the attention core (``set_attn_implementation``), the GEMM
-library of its ``nn.Linear`` layers (``set_linear_backend``), the dtype, and padded or packed windows.
+The only implementation of the network in distilqa. Speed comes from switches on this one model, each tested
+for the same logits: attention core, GEMM library and post-ops (``distilqa.linear``), dtype, packed windows.
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ from distilqa import linear, pruning
 from distilqa.attention import AttentionFunction, AttentionMask, attend, attention_mask_and_positions, resolve_attention
 from distilqa.config import DistilBertConfig
 from distilqa.validate import check_model_inputs
+from distilqa.weights import load_pretrained, save_pretrained
 
 
 @dataclass
@@ -104,12 +104,17 @@ class MultiHeadSelfAttention(nn.Module):
         self.attention_function: AttentionFunction = eager_attention  # swapped by set_attn_implementation
 
     def forward(
-        self, x: Tensor, mask: AttentionMask, need_weights: bool, head_mask: Tensor | None = None
+        self,
+        x: Tensor,
+        mask: AttentionMask,
+        need_weights: bool,
+        head_mask: Tensor | None = None,
+        residual: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """x (batch, seq, dim); head_mask (config.n_heads,): 0 silences a head (unpruned numbering)."""
-        batch, seq, dim = x.shape
-        if not self.n_heads:  # every head pruned: the sub-layer adds only out_lin's bias
-            return self.out_lin.bias.expand(batch, seq, dim), None
+        """x, residual (batch, seq, dim), residual added to the output; head_mask (n_heads,): 0 silences a head."""
+        batch, seq, _ = x.shape
+        if not self.n_heads:  # every head pruned: out_lin has no inputs left, the sub-layer adds only its bias
+            return linear.linear_add(self.out_lin, x[..., :0], residual), None
 
         def split_heads(t: Tensor) -> Tensor:  # (batch, seq, dim) -> (batch, heads, seq, head_dim)
             return t.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
@@ -121,7 +126,7 @@ class MultiHeadSelfAttention(nn.Module):
         if head_mask is not None:  # scaling a head's output scales its attention weights (Michel et al. 2019)
             context = context * pruning.heads_present(head_mask, self.heads)[None, :, None, None].to(context.dtype)
         context = context.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)  # heads side by side
-        return self.out_lin(context), weights  # (batch, seq, dim), (batch, heads, seq, seq) or None
+        return linear.linear_add(self.out_lin, context, residual), weights  # out_lin(context) + residual, maps
 
     @property
     def n_heads(self) -> int:  # heads still here
@@ -139,13 +144,13 @@ class FFN(nn.Module):
         self.lin2 = nn.Linear(config.hidden_dim, config.dim)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:  # x, residual: (batch, seq, dim)
         hidden = self.activation(self.lin1(x))  # (batch, seq, hidden_dim)
-        return self.dropout(self.lin2(hidden))  # (batch, seq, dim)
+        return linear.linear_add(self.lin2, hidden, residual, self.dropout)  # dropout(lin2(hidden)) + residual
 
 
 class TransformerBlock(nn.Module):
-    """One post-LayerNorm encoder layer: residual then LayerNorm around each sub-layer."""
+    """One post-LayerNorm encoder layer; each sub-layer adds the residual itself (see linear.linear_add)."""
 
     def __init__(self, config: DistilBertConfig):
         super().__init__()
@@ -157,9 +162,9 @@ class TransformerBlock(nn.Module):
     def forward(
         self, x: Tensor, mask: AttentionMask, need_weights: bool, head_mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
-        attended, weights = self.attention(x, mask, need_weights, head_mask)  # (batch, seq, dim)
-        x = self.sa_layer_norm(attended + x)  # (batch, seq, dim)
-        x = self.output_layer_norm(self.ffn(x) + x)  # (batch, seq, dim)
+        attended, weights = self.attention(x, mask, need_weights, head_mask, residual=x)  # x + SelfAttention(x)
+        x = self.sa_layer_norm(attended)  # (batch, seq, dim)
+        x = self.output_layer_norm(self.ffn(x, residual=x))  # x + FFN(x): (batch, seq, dim)
         return x, weights
 
 
@@ -239,8 +244,7 @@ class DistilBertForQuestionAnswering(nn.Module):
         0 removes a head's contribution; window_lengths: input_ids is one row (1, seq) of windows of these
         lengths end to end, each attending only to itself, positions counted from its own start (no padding)."""
         check_model_inputs(input_ids, attention_mask, window_lengths, self.config.max_position_embeddings)
-        if head_mask is not None:
-            head_mask = pruning.expand_head_mask(head_mask, self.config.n_layers, self.config.n_heads)
+        head_mask = pruning.expand_head_mask(head_mask, self.config.n_layers, self.config.n_heads)
         x, hidden_states, attentions = self.distilbert(
             input_ids, attention_mask, output_hidden_states, output_attentions, head_mask, window_lengths
         )  # (batch, seq, dim)
@@ -298,14 +302,10 @@ class DistilBertForQuestionAnswering(nn.Module):
     ) -> DistilBertForQuestionAnswering:
         """Load a checkpoint folder (config.json + safetensors) or a hub repo id, in eval mode. dtype: None/float32
         (exact), bfloat16, float16 or "auto"; linear_backend "aten" reproduces transformers bit for bit."""
-        from distilqa.weights import load_pretrained
-
         return load_pretrained(cls, name_or_path, revision, device, dtype, attn_implementation, linear_backend)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config.json and model.safetensors with the published key names."""
-        from distilqa.weights import save_pretrained
-
         save_pretrained(self, directory)
 
 

@@ -52,8 +52,10 @@ def prune_attention_heads(attention: nn.Module, heads: Iterable[int]) -> None:
     attention.heads = [attention.heads[i] for i in kept]
 
 
-def expand_head_mask(head_mask: Tensor, n_layers: int, n_heads: int) -> Tensor:
-    """(heads,) for every layer, or (n_layers, heads) -> (n_layers, heads); ValueError otherwise."""
+def expand_head_mask(head_mask: Tensor | None, n_layers: int, n_heads: int) -> Tensor | None:
+    """(heads,) for every layer, or (n_layers, heads) -> (n_layers, heads); None stays None; ValueError otherwise."""
+    if head_mask is None:
+        return None
     if head_mask.dim() == 1:
         head_mask = head_mask[None, :].expand(n_layers, -1)
     if head_mask.shape != (n_layers, n_heads):

@@ -39,7 +39,7 @@ BUGS = [
     Bug(
         "model: FFN residual dropped",
         "distilqa/model.py",
-        "x = self.output_layer_norm(self.ffn(x) + x)",
+        "x = self.output_layer_norm(self.ffn(x, residual=x))",
         "x = self.output_layer_norm(self.ffn(x))",
         ("tests/test_model_parity.py", "-k", "small_configurations"),
     ),
@@ -125,8 +125,36 @@ BUGS = [
     Bug(
         "linear: oneDNN path drops the bias",
         "distilqa/linear.py",
-        "return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.post_op, [], algorithm)",
-        "return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, self.post_op, [], algorithm)",
+        'x, self.weight, self.bias, self.post_op, [], fused[1] if fused else ""',
+        'x, self.weight, None, self.post_op, [], fused[1] if fused else ""',
+        ("tests/test_linear.py",),
+    ),
+    Bug(
+        "linear: the residual add's GEMM drops the bias",
+        "distilqa/linear.py",
+        'binary(x, residual, self.weight, self.bias, "add")',
+        'binary(x, residual, self.weight, None, "add")',
+        ("tests/test_linear.py",),
+    ),
+    Bug(
+        "linear: the residual fused across training dropout",
+        "distilqa/linear.py",
+        "inactive = dropout is None or not dropout.training or dropout.p == 0.0",
+        "inactive = True",
+        ("tests/test_linear.py",),
+    ),
+    Bug(
+        "linear: oneDNN given a layer with every input pruned",
+        "distilqa/linear.py",
+        "and x.shape[-1] > 0",
+        "and x.shape[-1] >= 0",
+        ("tests/test_linear.py",),
+    ),
+    Bug(
+        "linear: auto measures float32 for a bfloat16 model",
+        "distilqa/linear.py",
+        'backend = fastest_linear_backend(dtypes.pop()) if len(dtypes) == 1 else "aten"',
+        "backend = fastest_linear_backend()",
         ("tests/test_linear.py",),
     ),
     Bug(

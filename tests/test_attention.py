@@ -263,7 +263,7 @@ def test_auto_runs_the_core_measured_faster_and_matches_eager(monkeypatch):
     mask = key_mask_from_lengths([11, 6], 11)
     calls, measure = [], MEASURE_FASTEST.__wrapped__  # the real measurement (conftest pins "auto" to sdpa)
     for name in ("sdpa", "onednn"):
-        monkeypatch.setattr(attention, "fastest_cpu_attention", lambda name=name: name)
+        monkeypatch.setattr(attention, "fastest_cpu_attention", lambda dtype, name=name: name)
         monkeypatch.setitem(
             attention.ATTENTION_IMPLEMENTATIONS, name, lambda *a, core=CORES[name], n=name: calls.append(n) or core(*a)
         )
@@ -271,6 +271,8 @@ def test_auto_runs_the_core_measured_faster_and_matches_eager(monkeypatch):
         assert (context - eager_attention(q, k, v, mask)[0]).abs().max() <= 1e-6
     assert calls == ["sdpa", "onednn"]
     assert measure(seq=32, repeat=1) in ("sdpa", "onednn")
+    assert measure(torch.bfloat16, seq=32, repeat=1) in ("sdpa", "onednn")
+    assert measure(torch.float16, seq=32, repeat=1) == "sdpa"  # the oneDNN core runs fp32 and bf16 only
 
 
 def test_onednn_core_skips_padding_keys_and_matches_eager():

@@ -53,13 +53,13 @@ def test_editing_a_quoted_line_of_the_model_makes_it_stale(values, tmp_path):
     """On a copy of the source: the real model.py is left alone."""
     source = copy_of_the_source(tmp_path)
     model = source / "distilqa" / "model.py"
-    quoted = "x = self.sa_layer_norm(attended + x)"
+    quoted = "x = self.sa_layer_norm(attended)"
     text = model.read_text(encoding="utf-8")
     assert text.count(quoted) == 1 and quoted in COMMITTED.read_text(encoding="utf-8")
-    model.write_text(text.replace(quoted, "x = self.sa_layer_norm(x + attended)"), encoding="utf-8")
+    model.write_text(text.replace(quoted, "x = self.sa_layer_norm(attended * 2)"), encoding="utf-8")
     generated = builder.render(values, source)
     assert generated != COMMITTED.read_text(encoding="utf-8")
-    assert "x = self.sa_layer_norm(x + attended)" in generated
+    assert "x = self.sa_layer_norm(attended * 2)" in generated
 
 
 def test_lines_added_above_a_quote_move_its_line_numbers(values, tmp_path):
