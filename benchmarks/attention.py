@@ -1,31 +1,21 @@
-"""Speed of the attention core alone: softmax(Q Kᵀ / √d) V with DistilBERT's 12 heads of 64.
-
-Each row of IMPLEMENTATIONS maps query, key, value (batch, heads, seq, head_dim), laid out as the model
-makes them, to the merged context (batch, seq, heads * head_dim): distilqa's cores by name,
-F.scaled_dot_product_attention forced to each backend, transformers' eager and sdpa functions with
-the masks transformers builds. One that cannot run a case is skipped, with the reason.
+"""Speed of the attention core alone, softmax(Q Kᵀ / √d) V with DistilBERT's 12 heads of 64, per row of
+IMPLEMENTATIONS: distilqa's cores, F.scaled_dot_product_attention forced to each backend, transformers'
+functions with the masks transformers builds (one that cannot run a case is skipped, with the reason).
 Masks: none; padding (sequence i keeps seq - (seq // 2) * (i + 1) // batch keys); squad-padded
-(SQuAD-like window lengths padded to seq); squad-packed (the same windows end to end in one row;
-the sdpa-* backends get a jagged nested tensor). FLOPs: 4 * heads * head_dim per (query, key) pair
-of the layout, 3x with the backward pass; ``useful_tflop``: pairs of real tokens only.
-
-    python benchmarks/attention.py                      # CPU: batch 1, 4 x seq 128, 384; fp32; none, padding
-    python benchmarks/attention.py --device cuda        # batch 1, 16, 128 x seq 128, 384, 512; every mask
-"""
-
-from __future__ import annotations
+(SQuAD-like window lengths padded to seq); squad-packed (the same windows end to end in one row; the
+sdpa-* backends get a jagged nested tensor). FLOPs: 4 * heads * head_dim per (query, key) pair of the
+layout, 3x with the backward pass; ``useful_tflop``: pairs of real tokens only."""
 
 import argparse
-import os
+import itertools
 import sys
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as `python benchmarks/attention.py`: make `benchmarks` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as a script: `benchmarks` importable
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +35,7 @@ MASKS = {"cuda": "none,padding,squad-padded,squad-packed", "cpu": "none,padding"
 # GPU machine without the data runs the same mix.
 SQUAD_WINDOW_LENGTHS = (91, 123, 137, 149, 161, 175, 192, 212, 245, 314)
 # Dense tensor-core peaks (TFLOP/s, no sparsity) from the vendors' datasheets; fp32 means TF32.
-HOPPER_PEAKS = {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0}
-DENSE_PEAK_TFLOPS = {"H200": HOPPER_PEAKS, "H100": HOPPER_PEAKS}
+DENSE_PEAK_TFLOPS = {gpu: {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0} for gpu in ("H200", "H100")}
 Core = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
@@ -54,76 +43,59 @@ def merge(context: Tensor) -> Tensor:  # (batch, heads, seq, head_dim) -> (batch
     return context.transpose(1, 2).flatten(2)
 
 
-def distilqa_core(name: str) -> Callable[[dict], Core | str]:
-    def make(masks: dict) -> Core:
-        core = eager_attention if name == "eager" else resolve_attention(name)  # as the model resolves it
-        return lambda q, k, v: merge(attend(core, q, k, v, masks["distilqa"])[0])
-
-    return make
+def distilqa_core(name: str, masks: dict) -> Core:
+    core = eager_attention if name == "eager" else resolve_attention(name)  # as the model resolves it
+    return lambda q, k, v: merge(attend(core, q, k, v, masks["distilqa"])[0])
 
 
-def sdpa_backend(backend: SDPBackend) -> Callable[[dict], Core | str]:
-    def make(masks: dict) -> Core:
-        key_mask = masks["distilqa"]
-        if not isinstance(key_mask, PackedWindows):
-            return lambda q, k, v: _with(backend, lambda: merge(F.scaled_dot_product_attention(q, k, v, key_mask)))
+def sdpa_backend(backend: SDPBackend, masks: dict) -> Core:
+    key_mask = masks["distilqa"]
+    if not isinstance(key_mask, PackedWindows):
+        return sdpa_kernel(backend)(lambda q, k, v: merge(F.scaled_dot_product_attention(q, k, v, key_mask)))
 
-        def nested(t: Tensor) -> Tensor:  # (1, heads, total, head_dim) -> jagged (windows, heads, j, head_dim)
-            return torch.nested.nested_tensor_from_jagged(t[0].transpose(0, 1), masks["offsets"]).transpose(1, 2)
+    def nested(t: Tensor) -> Tensor:  # (1, heads, total, head_dim) -> jagged (windows, heads, j, head_dim)
+        return torch.nested.nested_tensor_from_jagged(t[0].transpose(0, 1), masks["offsets"]).transpose(1, 2)
 
-        def jagged(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            with torch.inference_mode(False):  # nested tensors cannot be made in inference mode
-                out = _with(backend, lambda: F.scaled_dot_product_attention(nested(q), nested(k), nested(v)))
-                return out.transpose(1, 2).values().reshape(1, q.size(2), -1)
+    @sdpa_kernel(backend)
+    def jagged(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        with torch.inference_mode(False):  # nested tensors cannot be made in inference mode
+            out = F.scaled_dot_product_attention(nested(q), nested(k), nested(v))
+            return out.transpose(1, 2).values().reshape(1, q.size(2), -1)
 
-        return jagged
-
-    return make
+    return jagged
 
 
-def _with(backend: SDPBackend, call: Callable[[], Tensor]) -> Tensor:
-    with sdpa_kernel(backend):
-        return call()
-
-
-def transformers_function(implementation: str) -> Callable[[dict], Core | str]:
+def transformers_function(implementation: str, masks: dict) -> Core | str:
     """transformers' eager or sdpa attention function, with the mask its create_bidirectional_mask builds."""
+    if isinstance(masks["distilqa"], PackedWindows):
+        return "takes no packed windows"
+    import transformers
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import create_bidirectional_mask
+    from transformers.models.distilbert.modeling_distilbert import eager_attention_forward
 
-    def make(masks: dict) -> Core | str:
-        if isinstance(masks["distilqa"], PackedWindows):
-            return "takes no packed windows"
-        try:
-            import transformers
-            from transformers.integrations.sdpa_attention import sdpa_attention_forward
-            from transformers.masking_utils import create_bidirectional_mask
-            from transformers.models.distilbert.modeling_distilbert import eager_attention_forward
-        except ImportError as error:
-            return f"transformers' attention functions are not importable here: {error}"
-        function = eager_attention_forward if implementation == "eager" else sdpa_attention_forward
-        config, host, mask = transformers.DistilBertConfig(), nn.Module().eval(), masks["attention_mask"]
-        config._attn_implementation, host.is_causal = implementation, False
-        if mask is not None:  # (batch, 1, seq, seq); only the shape, dtype and device of the embeddings are read
-            embeds = torch.zeros(*mask.shape, 1, device=mask.device, dtype=masks["dtype"])
-            mask = create_bidirectional_mask(config=config, inputs_embeds=embeds, attention_mask=mask)
-        return lambda q, k, v: function(host, q, k, v, mask, dropout=0.0, scaling=q.size(-1) ** -0.5)[0].flatten(2)
-
-    return make
+    function = eager_attention_forward if implementation == "eager" else sdpa_attention_forward
+    config, host, mask = transformers.DistilBertConfig(), nn.Module().eval(), masks["attention_mask"]
+    config._attn_implementation, host.is_causal = implementation, False
+    if mask is not None:  # (batch, 1, seq, seq); only the shape, dtype and device of the embeddings are read
+        embeds = torch.zeros(*mask.shape, 1, device=mask.device, dtype=masks["dtype"])
+        mask = create_bidirectional_mask(config=config, inputs_embeds=embeds, attention_mask=mask)
+    return lambda q, k, v: function(host, q, k, v, mask, dropout=0.0, scaling=q.size(-1) ** -0.5)[0].flatten(2)
 
 
 # name -> how to make the core for a case's masks (or a string saying why it cannot run). One row each.
 IMPLEMENTATIONS: dict[str, Callable[[dict], Core | str]] = {
-    "distilqa-eager": distilqa_core("eager"),
-    "distilqa-sdpa": distilqa_core("sdpa"),
-    "distilqa-onednn": distilqa_core("onednn"),  # CPU inference; elsewhere it runs the sdpa core
-    "sdpa-math": sdpa_backend(SDPBackend.MATH),
-    "sdpa-flash": sdpa_backend(SDPBackend.FLASH_ATTENTION),
-    "sdpa-efficient": sdpa_backend(SDPBackend.EFFICIENT_ATTENTION),
-    "sdpa-cudnn": sdpa_backend(SDPBackend.CUDNN_ATTENTION),
-    "transformers-eager": transformers_function("eager"),
-    "transformers-sdpa": transformers_function("sdpa"),
-    "distilqa-triton": distilqa_core("triton"),  # CUDA, or the CPU under TRITON_INTERPRET=1
+    "distilqa-eager": partial(distilqa_core, "eager"),
+    "distilqa-sdpa": partial(distilqa_core, "sdpa"),
+    "distilqa-onednn": partial(distilqa_core, "onednn"),  # CPU inference; elsewhere it runs the sdpa core
+    "sdpa-math": partial(sdpa_backend, SDPBackend.MATH),
+    "sdpa-flash": partial(sdpa_backend, SDPBackend.FLASH_ATTENTION),
+    "sdpa-efficient": partial(sdpa_backend, SDPBackend.EFFICIENT_ATTENTION),
+    "sdpa-cudnn": partial(sdpa_backend, SDPBackend.CUDNN_ATTENTION),
+    "transformers-eager": partial(transformers_function, "eager"),
+    "transformers-sdpa": partial(transformers_function, "sdpa"),
+    "distilqa-triton": partial(distilqa_core, "triton"),  # CUDA, or the CPU under TRITON_INTERPRET=1
 }
-CPU_DEFAULT = [name for name in IMPLEMENTATIONS if name != "distilqa-triton"]
 
 
 def lengths_of(batch: int, seq: int, mask: str) -> list[int]:
@@ -131,85 +103,63 @@ def lengths_of(batch: int, seq: int, mask: str) -> list[int]:
     if mask == "padding":
         return [seq - (seq // 2) * (i + 1) // batch for i in range(batch)]
     if mask.startswith("squad"):  # a fixed order that visits all ten lengths (3 and 10 are coprime)
-        chosen = [SQUAD_WINDOW_LENGTHS[(3 * i + 6) % 10] for i in range(batch)]
-        return [max(1, min(seq, round(n * seq / 384))) for n in chosen]
+        return [max(1, min(seq, round(SQUAD_WINDOW_LENGTHS[(3 * i + 6) % 10] * seq / 384))) for i in range(batch)]
     return [seq] * batch
 
 
-def make_masks(batch: int, seq: int, mask: str, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """The case's mask for distilqa (a (batch, 1, 1, seq) bool key mask or PackedWindows) and as an
-    attention_mask (batch, seq) of ones and zeros for transformers (None for none or packed)."""
+def make_masks(lengths: list[int], seq: int, mask: str, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """distilqa's mask (a bool key mask or PackedWindows) and transformers' attention_mask (or None)."""
     if mask == "squad-packed":
-        windows = PackedWindows(tuple(lengths_of(batch, seq, mask)))
+        windows = PackedWindows(tuple(lengths))
         return {"distilqa": windows, "offsets": torch.tensor(windows.offsets, device=device), "attention_mask": None}
-    lengths = torch.tensor(lengths_of(batch, seq, mask), device=device)
-    attention_mask = (torch.arange(seq, device=device)[None, :] < lengths[:, None]).long() if mask != "none" else None
+    attention_mask = (torch.arange(seq, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]).long()
+    attention_mask = None if mask == "none" else attention_mask
     key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
     return {"distilqa": key_mask, "attention_mask": attention_mask, "dtype": dtype}
 
 
-def matmul_ceiling(device: torch.device, dtype_names: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    """CUDA: TFLOP/s of an n^3 matmul per 16-bit dtype, the practical ceiling. Nothing on the CPU."""
-    ceilings = {}
-    for name in [n for n in dtype_names if n != "fp32"] if device.type == "cuda" else []:
-        n = 1024 if args.small else 8192
-        a, b = (torch.randn(n, n, device=device, dtype=common.DTYPES[name]) for _ in range(2))
-        matmul = {"matmul": lambda a=a, b=b: a @ b}
-        timing = common.time_round_robin(matmul, args.warmup, args.repeats, device)["matmul"]
-        ceilings[name] = {"n": n, "timing": timing, "tflop_per_s": 2 * n**3 / timing["median_ms"] / 1e9}
-    return ceilings
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    device, dtype_names = common.setup(args)
+def run(args: argparse.Namespace, device: torch.device, dtype_names: list[str]) -> dict[str, Any]:
     shapes = common.parse_pairs(args.shapes or (SMALL_SHAPES if args.small else SHAPES[device.type]))
     heads = 2 if args.small else 12
     masks = (args.masks or MASKS[device.type]).split(",")
     modes = ["forward", "forward+backward"] if args.modes == "both" else [args.modes]
-    names = args.implementations.split(",") if args.implementations else CPU_DEFAULT
-    names = names if args.implementations or device.type == "cpu" else list(IMPLEMENTATIONS)
+    names = [n for n in IMPLEMENTATIONS if device.type == "cuda" or n != "distilqa-triton"]  # Triton: CUDA
+    names = args.implementations.split(",") if args.implementations else names
     if unknown := [n for n in names if n not in IMPLEMENTATIONS]:
         raise SystemExit(f"unknown implementation(s) {', '.join(unknown)}; expected some of {list(IMPLEMENTATIONS)}")
     settings = {"shapes": [list(s) for s in shapes], "heads": heads, "head_dim": HEAD_DIM, "dtypes": dtype_names,
                 "masks": masks, "modes": modes, "implementations": names, "repeats": args.repeats,
                 "warmup": args.warmup, "threads": torch.get_num_threads()}  # fmt: skip
-    payload = {"benchmark": "attention", "machine": common.machine_info(device), "settings": settings}
-    payload |= {"matmul": matmul_ceiling(device, dtype_names, args), "results": [], "skipped": []}
-    for dtype_name in dtype_names:
-        for batch, seq in shapes:
-            for mask in masks:
-                for mode in modes:
-                    run_case(payload, names, device, dtype_name, batch, seq, heads, mask, mode, args)
-    payload["machine"]["load_average_at_end"] = common.load_average()
+    ceilings = {}  # CUDA: TFLOP/s of an n^3 matmul per 16-bit dtype, the practical ceiling
+    for name in [n for n in dtype_names if n != "fp32"] if device.type == "cuda" else []:
+        n = 1024 if args.small else 8192
+        a, b = (torch.randn(n, n, device=device, dtype=common.DTYPES[name]) for _ in range(2))
+        timing = common.time_round_robin({"a @ b": lambda a=a, b=b: a @ b}, args.warmup, args.repeats, device)["a @ b"]
+        ceilings[name] = {"n": n, "timing": timing, "tflop_per_s": 2 * n**3 / timing["median_ms"] / 1e9}
+    payload = {"settings": settings, "matmul": ceilings, "results": [], "skipped": []}
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    peaks = next((p for gpu, p in DENSE_PEAK_TFLOPS.items() if gpu in device_name), {})
+    for dtype, (batch, seq), mask, mode in itertools.product(dtype_names, shapes, masks, modes):
+        case = {"dtype": dtype, "batch": batch, "seq": seq, "mask": mask, "mode": mode}
+        run_case(payload, names, device, heads, case, peaks.get(dtype), args)
     return payload
 
 
-def run_case(payload, names, device, dtype_name, batch, seq, heads, mask, mode, args) -> None:
-    generator = torch.Generator().manual_seed(batch * 1009 + seq)
-    backward = mode == "forward+backward"
-    case = {"dtype": dtype_name, "batch": batch, "seq": seq, "mask": mask, "mode": mode}
-
-    def tensor(*shape: int) -> Tensor:
-        return torch.randn(*shape, generator=generator).to(device=device, dtype=common.DTYPES[dtype_name])
-
+def run_case(payload: dict, names: list[str], device: torch.device, heads: int, case: dict, peak, args) -> None:
+    batch, seq, mask, backward = case["batch"], case["seq"], case["mask"], case["mode"] == "forward+backward"
+    dtype, generator = common.DTYPES[case["dtype"]], torch.Generator().manual_seed(batch * 1009 + seq)
     lengths = lengths_of(batch, seq, mask)
-    rows, tokens = (1, sum(lengths)) if mask == "squad-packed" else (batch, seq)
-    q, k, v = (tensor(rows, tokens, heads, HEAD_DIM).transpose(1, 2).requires_grad_(backward) for _ in range(3))
-    grad_output = tensor(rows, tokens, heads * HEAD_DIM)
-    masks = make_masks(batch, seq, mask, device, common.DTYPES[dtype_name])
-    with torch.inference_mode():  # the reference: PyTorch's math backend (window by window when packed)
-        sdpa = resolve_attention("sdpa")
-        expected = _with(SDPBackend.MATH, lambda: merge(attend(sdpa, q, k, v, masks["distilqa"])[0]))
+    shape = (1, sum(lengths), heads * HEAD_DIM) if mask == "squad-packed" else (batch, seq, heads * HEAD_DIM)
+    q, k, v, grad_output = (torch.randn(shape, generator=generator).to(device, dtype) for _ in range(4))
+    q, k, v = (t.unflatten(2, (heads, HEAD_DIM)).transpose(1, 2).requires_grad_(backward) for t in (q, k, v))
+    masks = make_masks(lengths, seq, mask, device, dtype)
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH):  # the reference (window by window when packed)
+        expected = merge(attend(resolve_attention("sdpa"), q, k, v, masks["distilqa"])[0]).float()
 
     def timed(core: Core) -> Callable[[], object]:
         if backward:
             return lambda: torch.autograd.grad(core(q, k, v), (q, k, v), grad_output)
-
-        def forward() -> object:
-            with torch.inference_mode():
-                return core(q, k, v)
-
-        return forward
+        return torch.inference_mode()(lambda: core(q, k, v))
 
     functions, deviations = {}, {}
     for name in names:
@@ -224,30 +174,26 @@ def run_case(payload, names, device, dtype_name, batch, seq, heads, mask, mode, 
                 warnings.simplefilter("always")
                 timed(core)()
                 with torch.inference_mode():
-                    deviations[name] = (core(q, k, v).float() - expected.float()).abs().max().item()
+                    deviations[name] = (core(q, k, v).float() - expected).abs().max().item()
         except (RuntimeError, ImportError, ValueError, KeyError) as error:
             reasons = [str(w.message).splitlines()[0] for w in caught] + [str(error).splitlines()[0]]
             payload["skipped"].append({"implementation": name, **case, "why": " | ".join(dict.fromkeys(reasons))[:500]})
             continue
         functions[name] = timed(core)
-    print(f"[attention] {dtype_name} {batch}x{seq} mask={mask} {mode}: timing {len(functions)}", flush=True)
+    print(f"[attention] {case['dtype']} {batch}x{seq} mask={mask} {case['mode']}: timing {len(functions)}", flush=True)
     timings = common.time_round_robin(functions, args.warmup, args.repeats, device) if functions else {}
     per_pair = 4 * heads * HEAD_DIM * (3 if backward else 1)
     flops = per_pair * (sum(n * n for n in lengths) if mask == "squad-packed" else batch * seq * seq)
     useful = per_pair * sum(n * n for n in lengths)
-    device_name = payload["machine"]["device_name"]
-    peak = next((p.get(dtype_name) for gpu, p in DENSE_PEAK_TFLOPS.items() if gpu in device_name), None)
-    ceiling = payload["matmul"].get(dtype_name, {}).get("tflop_per_s")
+    ceiling = payload["matmul"].get(case["dtype"], {}).get("tflop_per_s")
     for name, timing in timings.items():
         tflop_per_s = flops / timing["median_ms"] / 1e9
-        payload["results"].append(
-            {"implementation": name, **case, "heads": heads, "head_dim": HEAD_DIM, "lengths": lengths,
-             "timing": timing, "tflop": flops / 1e12, "tflop_per_s": tflop_per_s, "useful_tflop": useful / 1e12,
-             "useful_tflop_per_s": useful / timing["median_ms"] / 1e9,
-             "fraction_of_peak": tflop_per_s / peak if peak and device.type == "cuda" else None,
-             "fraction_of_matmul": tflop_per_s / ceiling if ceiling else None,
-             "max_abs_diff_vs_sdpa_math": deviations[name]}
-        )  # fmt: skip
+        payload["results"].append({"implementation": name, **case, "heads": heads, "head_dim": HEAD_DIM,
+            "lengths": lengths, "timing": timing, "tflop": flops / 1e12, "tflop_per_s": tflop_per_s,
+            "useful_tflop": useful / 1e12, "useful_tflop_per_s": useful / timing["median_ms"] / 1e9,
+            "fraction_of_peak": tflop_per_s / peak if peak else None,
+            "fraction_of_matmul": tflop_per_s / ceiling if ceiling else None,
+            "max_abs_diff_vs_sdpa_math": deviations[name]})  # fmt: skip
 
 
 def table(payload: dict[str, Any]) -> str:
@@ -262,24 +208,19 @@ def table(payload: dict[str, Any]) -> str:
 
 
 def plot(payload: dict[str, Any], path: Path) -> Path:
-    """One panel per dtype, mode and mask: achieved TFLOP/s (of real tokens for SQuAD-like windows)."""
-    panels = []
-    shapes = [tuple(s) for s in payload["settings"]["shapes"]]
-    for dtype in payload["settings"]["dtypes"]:
-        for mode in payload["settings"]["modes"]:
-            for mask in payload["settings"]["masks"]:
-                chosen = [r for r in payload["results"] if (r["dtype"], r["mode"], r["mask"]) == (dtype, mode, mask)]
-                work = "useful_tflop_per_s" if mask.startswith("squad") else "tflop_per_s"
-                series = {}
-                for r in chosen:
-                    series.setdefault(r["implementation"], [None] * len(shapes))
-                    series[r["implementation"]][shapes.index((r["batch"], r["seq"]))] = r[work] * 1000
-                ylabel = "GFLOP/s" + (" of real tokens" if "useful" in work else "")
-                categories = [f"{b} x {s}" for b, s in shapes]
-                panel = {"title": f"{dtype} {mode}, mask {mask}", "ylabel": ylabel, "categories": categories}
-                panels += [{**panel, "series": series}] if series else []
-    heads = payload["settings"]["heads"]
-    title = f"Attention core alone, {heads} heads x {HEAD_DIM}: achieved GFLOP/s (higher is faster)"
+    """One panel per dtype, mode and mask: achieved GFLOP/s (of real tokens for SQuAD-like windows)."""
+    settings, panels = payload["settings"], []
+    shapes = [tuple(s) for s in settings["shapes"]]
+    for dtype, mode, mask in itertools.product(settings["dtypes"], settings["modes"], settings["masks"]):
+        real = mask.startswith("squad")
+        series: dict[str, list] = {}
+        for r in payload["results"]:
+            if (r["dtype"], r["mode"], r["mask"]) == (dtype, mode, mask):
+                values = series.setdefault(r["implementation"], [None] * len(shapes))
+                values[shapes.index((r["batch"], r["seq"]))] = r["useful_tflop_per_s" if real else "tflop_per_s"] * 1000
+        panel = {"title": f"{dtype} {mode}, mask {mask}", "ylabel": "GFLOP/s" + (" of real tokens" if real else "")}
+        panels += [{**panel, "categories": [f"{b} x {s}" for b, s in shapes], "series": series}] if series else []
+    title = f"Attention core alone, {settings['heads']} heads x {HEAD_DIM}: achieved GFLOP/s (higher is faster)"
     return common.figure(path, panels, title, payload)
 
 
@@ -290,9 +231,5 @@ def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--implementations", default=None, help=f"comma list of {', '.join(IMPLEMENTATIONS)}")
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    return common.script("attention", __doc__, options, run, table, plot, repeats=20, warmup=3, argv=argv)
-
-
 if __name__ == "__main__":
-    main()
+    common.main("attention", __doc__, options, run, table, plot, repeats=20, warmup=3)

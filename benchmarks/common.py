@@ -1,9 +1,5 @@
-"""What the benchmark scripts share, one of each: the machine's description, the options every script
-takes, the GEMM reference, round-robin timing (A, B, C, A, B, C, ...: load from other processes lands
-on all alike, so ratios hold when absolute times wander), JSON, markdown tables and bar charts.
-"""
-
-from __future__ import annotations
+"""What the benchmark scripts share: machine info, options, the GEMM reference, round-robin timing (A, B,
+C, A, B, C, ...: load from other processes lands on all alike), JSON, tables, bar charts and the peers."""
 
 import argparse
 import datetime as dt
@@ -14,16 +10,22 @@ import os
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
+from torch import Tensor
 
+from distilqa import files
 from distilqa.config import DistilBertConfig
 from distilqa.hardware import cpu_info, has_native_bfloat16
 from distilqa.linear import onednn_available
+from distilqa.plotting import require_matplotlib, save_figure
 
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SHARED_DATA = Path(os.environ.get("DISTILQA_DATA", ROOT.parent / "shared" / "data"))
@@ -31,19 +33,16 @@ SQUAD_FILE = SHARED_DATA / "squad" / "dev-v1.1.json.zip"
 VOCAB_FILE = SHARED_DATA / "vocab" / "bert-base-cased-vocab.txt"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-# One colour family per kind of row, the same in every figure: distilqa blue, peer runtimes (and
-# PyTorch's own SDPA backends) orange, the reference (transformers) grey.
+PEERS = ("onnxruntime", "openvino")  # runtimes a user might pick instead, running transformers' model as ONNX
+# The colours of every figure: distilqa blue, peers (and PyTorch's SDPA backends) orange, transformers grey.
 FAMILIES = {"distilqa": "Blues", "peer": "Oranges", "reference": "Greys"}
-PEERS = ("onnxruntime", "openvino")
 
 
 def kind(name: str) -> str:
     """The colour family of a row named ``name`` ("distilqa ...", "transformers ...", a peer, sdpa-*)."""
     if name.startswith("transformers"):
         return "reference"
-    if name.startswith(PEERS) or name.startswith("sdpa-"):
-        return "peer"
-    return "distilqa"
+    return "peer" if name.startswith((*PEERS, "sdpa-")) else "distilqa"
 
 
 def colours(names: Sequence[str]) -> dict[str, Any]:
@@ -58,13 +57,6 @@ def colours(names: Sequence[str]) -> dict[str, Any]:
     return result
 
 
-def load_average() -> list[float] | None:
-    try:
-        return [round(value, 2) for value in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def machine_info(device: torch.device) -> dict[str, Any]:
     """Where and how a result was measured: CPU model and ISA flags, threads, versions, date, load."""
     import transformers
@@ -76,13 +68,13 @@ def machine_info(device: torch.device) -> dict[str, Any]:
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if cuda else cpu["model"],
-            "cuda": torch.version.cuda if cuda else None, "load_average_at_start": load_average()}  # fmt: skip
+            "cuda": torch.version.cuda if cuda else None,
+            "load_average_at_start": [round(v, 2) for v in os.getloadavg()]}  # fmt: skip
 
 
-def script(name: str, doc: str, options: Callable, run: Callable, table: Callable, plot: Callable | None,
-           repeats: int, warmup: int, argv: list[str] | None) -> dict[str, Any]:  # fmt: skip
-    """What each script's ``main`` does: parse the common options and its own, measure, write the JSON
-    (by default benchmarks/results/<name>-<device>.json), then print its table and draw its picture."""
+def main(name: str, doc: str, options: Callable, run: Callable, table: Callable, plot: Callable | None,
+         repeats: int, warmup: int) -> None:  # fmt: skip
+    """Parse the options, measure (``run(args, device, dtype_names)``), write the JSON, table and picture."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     add = parser.add_argument
     add("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
@@ -94,45 +86,37 @@ def script(name: str, doc: str, options: Callable, run: Callable, table: Callabl
     add("--output", type=Path, default=None, help="JSON path (default benchmarks/results/)")
     add("--plot", type=Path, default=None, help="PNG path (default: beside the JSON)")
     options(parser)
-    args = parser.parse_args(argv)
-    payload = run(args)
-    output = args.output or RESULTS / f"{name}{'-small' if args.small else ''}-{torch.device(args.device).type}.json"
-    print(f"wrote {write_json(output, payload)}")
-    print(table(payload))
-    if plot is not None:
-        print(f"wrote {plot(payload, args.plot or output.with_suffix('.png'))}")
-    return payload
-
-
-def setup(args: argparse.Namespace) -> tuple[torch.device, list[str]]:
-    """Fix the thread count; resolve the device and dtype names of the common options."""
+    args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was asked for, but torch sees no CUDA device")
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
-    names = args.dtypes.split(",") if args.dtypes else (["fp32"] if device.type == "cpu" else list(DTYPES))
-    if unknown := [name for name in names if name not in DTYPES]:
+    dtype_names = args.dtypes.split(",") if args.dtypes else (["fp32"] if device.type == "cpu" else list(DTYPES))
+    if unknown := [d for d in dtype_names if d not in DTYPES]:
         raise SystemExit(f"unknown dtype(s) {', '.join(unknown)}; expected some of {', '.join(DTYPES)}")
     if args.repeats < 1 or args.warmup < 0:
         raise SystemExit("--repeats must be >= 1 and --warmup >= 0")
-    return device, names
+    machine = machine_info(device)
+    payload = {"benchmark": name, "machine": machine, **run(args, device, dtype_names)}
+    machine["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    output = args.output or RESULTS / f"{name}{'-small' if args.small else ''}-{device.type}.json"
+    print(f"wrote {write_json(output, payload)}")
+    print(table(payload))
+    if plot is not None:
+        print(f"wrote {plot(payload, args.plot or output.with_suffix('.png'))}")
 
 
 def parse_pairs(text: str) -> list[tuple[int, int]]:
     """``"1x128,8x384"`` -> [(1, 128), (8, 384)]."""
-    pairs = []
-    for item in text.split(","):
-        first, _, second = item.strip().lower().partition("x")
-        if not (first.isdigit() and second.isdigit() and int(first) > 0 and int(second) > 0):
-            raise SystemExit(f"cannot read {item!r} as AxB with positive integers, e.g. 8x384")
-        pairs.append((int(first), int(second)))
-    return pairs
+    pairs = [item.strip().lower().partition("x")[::2] for item in text.split(",")]
+    if not all(a.isdigit() and b.isdigit() and int(a) > 0 and int(b) > 0 for a, b in pairs):
+        raise SystemExit(f"cannot read {text!r} as AxB pairs of positive integers, e.g. 1x128,8x384")
+    return [(int(a), int(b)) for a, b in pairs]
 
 
 def window_flops(config: DistilBertConfig, length: int) -> dict[str, int]:
-    """FLOPs of one window of ``length`` tokens: every linear layer 2*M*K*N (q, k, v, out, lin1, lin2
-    per layer, and the span head) and attention's two matmuls 2*2*heads*L*L*head_dim per layer.
-    Embeddings, LayerNorm, GELU, softmax and bias additions are not counted."""
+    """FLOPs of one window of ``length`` tokens: the linear layers' 2*M*K*N and attention's two matmuls
+    per layer (2*2*heads*L*L*head_dim); embeddings, LayerNorm, GELU, softmax and biases not counted."""
     per_token = 2 * (4 * config.dim * config.dim + 2 * config.dim * config.hidden_dim)
     linear = config.n_layers * per_token * length + 2 * length * config.dim * 2
     attention = config.n_layers * 2 * 2 * config.n_heads * length * length * config.head_dim
@@ -145,28 +129,22 @@ def layer_gemms(config: DistilBertConfig) -> list[tuple[int, int, int]]:
 
 
 def gemm_reference(config: DistilBertConfig, tokens: int, device: torch.device, dtype: torch.dtype) -> dict:
-    """One encoder layer's GEMMs (no bias: pure matrix products) at M = ``tokens``, per library:
-    {"gemm F.linear": fn, "gemm onednn": fn}. F.linear is MKL for fp32 on the CPU; the faster library
-    is the practical limit of a forward pass."""
+    """One encoder layer's GEMMs (no bias) at M = ``tokens``, {"gemm <library>": fn}: F.linear (MKL), oneDNN."""
     generator = torch.Generator().manual_seed(1)
 
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator).to(device, dtype)
 
     work = [(randn(tokens, k), randn(n, k), count) for k, n, count in layer_gemms(config)]
-    libraries = {"F.linear": lambda x, w: torch.nn.functional.linear(x, w)}
+    gemms = {"gemm F.linear": lambda: [torch.nn.functional.linear(x, w) for x, w, c in work for _ in range(c)]}
     if device.type == "cpu" and dtype == torch.float32 and onednn_available():
-        libraries["onednn"] = lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-
-    def run(linear: Callable) -> Callable[[], None]:
-        return lambda: [linear(x, w) for x, w, count in work for _ in range(count)]
-
-    return {f"gemm {name}": run(linear) for name, linear in libraries.items()}
+        onednn = torch.ops.mkldnn._linear_pointwise
+        gemms["gemm onednn"] = lambda: [onednn(x, w, None, "none", [], "") for x, w, c in work for _ in range(c)]
+    return gemms
 
 
 def gemm_rates(config: DistilBertConfig, device: torch.device, repeats: int = 5) -> dict[str, float]:
-    """fp32 GFLOP/s of each library at the layer's GEMMs, the best over M = 384, 2048 and 3072 tokens
-    (a window, the pipeline's CPU token cap, 8 windows)."""
+    """fp32 GFLOP/s per library at the layer's GEMMs, the best of M = 384, 2048 and 3072 tokens."""
     rates: dict[str, float] = {}
     for tokens in (384, 2048, 3072):
         flops = sum(2 * tokens * k * n * count for k, n, count in layer_gemms(config))
@@ -185,30 +163,24 @@ def summarize(seconds: Sequence[float]) -> dict[str, Any]:
             "samples_ms": ms}  # fmt: skip
 
 
-def time_round_robin(
-    functions: dict[str, Callable[[], object]], warmup: int, repeats: int, device: torch.device
-) -> dict[str, dict[str, Any]]:
-    """Time each function ``repeats`` times after ``warmup`` untimed rounds, interleaved round-robin,
-    the garbage collector off. CPU: ``time.perf_counter``; CUDA: CUDA events, read after one final
-    synchronisation. Returns :func:`summarize` per name."""
+def time_round_robin(functions: dict[str, Callable], warmup: int, repeats: int, device: torch.device) -> dict:
+    """:func:`summarize` per function of ``repeats`` interleaved calls after ``warmup`` rounds, gc off."""
     cuda = device.type == "cuda"
-    for _ in range(warmup):
-        for function in functions.values():
-            function()
+    for function in [*functions.values()] * warmup:
+        function()
     torch.cuda.synchronize(device) if cuda else gc.collect()
     marks: dict[str, list] = {name: [] for name in functions}
     gc.disable()
     try:
-        for _ in range(repeats):
-            for name, function in functions.items():
-                if cuda:
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record(), function(), end.record()
-                    marks[name].append((start, end))
-                else:
-                    began = time.perf_counter()
-                    function()
-                    marks[name].append(time.perf_counter() - began)
+        for name, function in [*functions.items()] * repeats:
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(), function(), end.record()
+                marks[name].append((start, end))
+            else:
+                began = time.perf_counter()
+                function()
+                marks[name].append(time.perf_counter() - began)
     finally:
         gc.enable()
     if cuda:
@@ -217,21 +189,9 @@ def time_round_robin(
     return {name: summarize(seconds) for name, seconds in marks.items()}
 
 
-def clean(value: Any) -> Any:
-    """``value`` for JSON: non-finite floats become null."""
-    if isinstance(value, dict):
-        return {str(k): clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [clean(v) for v in value]
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
 def write_json(path: Path, payload: dict[str, Any]) -> Path:
-    """Indented JSON (non-finite floats become null), folders created."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(clean(payload), indent=2) + "\n", encoding="utf-8")
-    return path
+    """Indented JSON, non-finite floats as null, written atomically (folders created)."""
+    return files.write_json(path, json.loads(json.dumps(payload), parse_constant=lambda _: None))
 
 
 def cell(value: Any) -> str:
@@ -247,26 +207,10 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
-def caption(payload: dict[str, Any]) -> str:
-    """Where a result comes from, for every figure: device, threads, torch version, date."""
-    m = payload["machine"]
-    return f"{m['device_name']}, {m['torch_threads']} thread(s), torch {m['torch']}, {m['date'][:10]}"
-
-
 def figure(path: Path, panels: Sequence[dict[str, Any]], title: str, payload: dict[str, Any]) -> Path:
-    """Bar charts, one panel each, coloured by :func:`kind` of each bar's name, titled with ``title``
-    and :func:`caption`. A panel has a ``title`` and either
-
-    - ``bars`` [(name, value)] and ``xlabel``: horizontal bars, each labelled with its name and value
-      (no legend to decode), and optionally ``line`` (value, label), a dashed reference line; or
-    - ``series`` {name: values per category}, ``categories`` and ``ylabel``: grouped vertical bars,
-      with one legend for the figure, outside the panels.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Bar charts coloured by :func:`kind`, a panel each: a ``title`` and ``bars`` [(name, value)], ``xlabel``,
+    maybe ``line`` (value, label), dashed; or ``series`` {name: values}, ``categories``, ``ylabel``."""
+    plt = require_matplotlib("the benchmarks")
     names = list(dict.fromkeys(n for p in panels for n in (p["series"] if "series" in p else dict(p["bars"]))))
     palette, grouped, columns = colours(names), "series" in panels[0], min(2, len(panels))
     height = 3.4 if grouped else max(len(p["bars"]) for p in panels) * 0.32 + 1.2
@@ -277,40 +221,83 @@ def figure(path: Path, panels: Sequence[dict[str, Any]], title: str, payload: di
         axis.set_visible(False)
     for axis, panel in zip(axes.flat, panels):
         axis.set_title(panel["title"], fontsize=9)
-        (vertical_bars if grouped else horizontal_bars)(axis, panel, palette)
+        if grouped:  # one group of vertical bars per category, a bar per series
+            bar = 0.8 / len(panel["series"])
+            for index, (name, values) in enumerate(panel["series"].items()):
+                xs = [c + (index - (len(panel["series"]) - 1) / 2) * bar for c in range(len(panel["categories"]))]
+                axis.bar(xs, [math.nan if v is None else v for v in values], bar, color=palette[name])
+            axis.set_xticks(range(len(panel["categories"])), panel["categories"], fontsize=8)
+            axis.set_ylabel(panel["ylabel"], fontsize=8)
+            axis.grid(axis="y", alpha=0.3)
+            continue
+        labels, values = [n for n, _ in panel["bars"]], [math.nan if v is None else v for _, v in panel["bars"]]
+        axis.barh(range(len(labels)), values, color=[palette[label] for label in labels])
+        axis.set_yticks(range(len(labels)), labels, fontsize=8)
+        axis.invert_yaxis()
+        line = panel.get("line")
+        top = max([v for v in values if math.isfinite(v)] + [line[0] if line else 0.0])
+        for y, value in enumerate(values):
+            if math.isfinite(value):
+                axis.text(value + top * 0.01, y, cell(value), va="center", fontsize=7, backgroundcolor="white")
+        if line:
+            axis.axvline(line[0], color="black", linestyle="--", linewidth=1)
+        axis.set_xlim(0, top * 1.18)
+        axis.set_xlabel(panel["xlabel"] + (f"; dashed: {line[1]}, {cell(line[0])}" if line else ""), fontsize=8)
+        axis.grid(axis="x", alpha=0.3)
     if grouped:
-        handles = [matplotlib.patches.Patch(color=palette[name], label=name) for name in names]
+        handles = [plt.Rectangle((0, 0), 1, 1, color=palette[name], label=name) for name in names]
         fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
-    fig.suptitle(f"{title}\n{caption(payload)}", fontsize=10)
+    m = payload["machine"]
+    source = f"{m['device_name']}, {m['torch_threads']} thread(s), torch {m['torch']}, {m['date'][:10]}"
+    fig.suptitle(f"{title}\n{source}", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1 - 2.2 / width if grouped else 1, 1))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=110)
 
 
-def horizontal_bars(axis: Any, panel: dict[str, Any], palette: dict[str, Any]) -> None:
-    names, values = [n for n, _ in panel["bars"]], [math.nan if v is None else v for _, v in panel["bars"]]
-    axis.barh(range(len(names)), values, color=[palette[name] for name in names])
-    axis.set_yticks(range(len(names)), names, fontsize=8)
-    axis.invert_yaxis()
-    top = max([v for v in values if math.isfinite(v)] + [panel["line"][0] if "line" in panel else 0.0])
-    for y, value in enumerate(values):
-        if math.isfinite(value):
-            axis.text(value + top * 0.01, y, cell(value), va="center", fontsize=7, backgroundcolor="white")
-    line = panel.get("line")
-    if line:
-        axis.axvline(line[0], color="black", linestyle="--", linewidth=1)
-    axis.set_xlim(0, top * 1.18)
-    axis.set_xlabel(panel["xlabel"] + (f"; dashed: {line[1]}, {cell(line[0])}" if line else ""), fontsize=8)
-    axis.grid(axis="x", alpha=0.3)
+def export_reference_onnx(checkpoint: Path, path: Path) -> Path:
+    """transformers' model from ``checkpoint`` as ONNX (fp32, dynamic batch and sequence axes)."""
+    import transformers
+
+    model = transformers.DistilBertForQuestionAnswering.from_pretrained(checkpoint, attn_implementation="eager")
+    model.eval().config.return_dict = False  # a (start, end) tuple for the exporter
+    names = ("input_ids", "attention_mask", "start_logits", "end_logits")
+    ids = torch.ones(2, 16, dtype=torch.long)
+    with warnings.catch_warnings():  # the TorchScript-based exporter warns that it is the legacy one
+        warnings.simplefilter("ignore")
+        axes = {name: {0: "batch", 1: "seq"} for name in names}
+        torch.onnx.export(model, (ids, torch.ones_like(ids)), str(path), input_names=names[:2], output_names=names[2:],
+                          dynamic_axes=axes, opset_version=17, dynamo=False)  # fmt: skip
+    return path
 
 
-def vertical_bars(axis: Any, panel: dict[str, Any], palette: dict[str, Any]) -> None:
-    width = 0.8 / len(panel["series"])
-    for index, (name, values) in enumerate(panel["series"].items()):
-        xs = [c + (index - (len(panel["series"]) - 1) / 2) * width for c in range(len(panel["categories"]))]
-        axis.bar(xs, [math.nan if v is None else v for v in values], width, color=palette[name])
-    axis.set_xticks(range(len(panel["categories"])), panel["categories"], fontsize=8)
-    axis.set_ylabel(panel["ylabel"], fontsize=8)
-    axis.grid(axis="y", alpha=0.3)
+class Peer(torch.nn.Module):
+    """A runtime with the ``config`` and ``device`` QuestionAnswerer reads (use it with ``packed=False``)."""
+
+    def __init__(self, run: Callable[[dict], list], config: object = None) -> None:
+        super().__init__()
+        self.run, self.config, self.device = run, config, torch.device("cpu")
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> SimpleNamespace:
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        start, end = self.run({"input_ids": input_ids.cpu().numpy(), "attention_mask": mask.cpu().numpy()})
+        return SimpleNamespace(start_logits=torch.from_numpy(start), end_logits=torch.from_numpy(end))
+
+
+def load_peer(name: str, checkpoint: Path, onnx_path: Path, config: object = None) -> Peer:
+    """A runtime of PEERS running the checkpoint's model, exported to ``onnx_path`` unless it is there:
+    ONNX Runtime's CPU provider; OpenVINO's CPU plugin in float32 (else bfloat16 where the CPU has it)."""
+    if not onnx_path.exists():
+        export_reference_onnx(checkpoint, onnx_path)
+    threads = torch.get_num_threads()
+    if name == "onnxruntime":
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        session = onnxruntime.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        return Peer(lambda feed: session.run(["start_logits", "end_logits"], feed), config)
+    import openvino
+
+    hints = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    compiled = openvino.Core().compile_model(str(onnx_path), "CPU", hints)
+    return Peer(lambda feed: [(out := compiled(feed))["start_logits"], out["end_logits"]], config)

@@ -1,56 +1,43 @@
 #!/usr/bin/env bash
-# The CUDA benchmarks in one command: the attention cores (the Triton kernel among them), the forward
-# pass and the question-answering pipeline, each under its own time limit (7.5 minutes at most in all).
-#
-#   benchmarks/gpu.sh                  # on a CUDA machine: benchmarks/results/*-cuda.{json,png} and gpu.log
-#   benchmarks/gpu.sh --dry-run        # anywhere: the same steps on the CPU at tiny sizes, the Triton
-#                                      # kernel in Triton's interpreter; results in $TMPDIR/distilqa-gpu-dry-run
-#   benchmarks/gpu.sh --results DIR    # write the files (and gpu.log) to DIR instead
-#   benchmarks/gpu.sh --data DIR       # SQuAD and the vocabulary for the pipeline step (default ../shared/data)
-#
-# The pipeline step compares with transformers' question-answering pipeline, removed in transformers
-# 5.3: on a newer one it is skipped, with the reason in gpu.log. A failed or timed-out step does not
-# stop the others; the exit status is 1 if any step failed.
+# The CUDA benchmarks (attention with the Triton kernel, forward, pipeline), each under its own time limit
+# (7.5 minutes in all): benchmarks/results/*-cuda.{json,png} and gpu.log (--results DIR: there instead).
+# --dry-run: the same steps at tiny sizes on the CPU, Triton interpreted, in $TMPDIR/distilqa-gpu-dry-run.
+# --data DIR: SQuAD and the vocabulary (default ../shared/data); without them, or on transformers >= 5.3 (no
+# QA pipeline), the pipeline step is skipped. A failed step does not stop the others; the status is then 1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-DRY_RUN=0 RESULTS="" DATA="${DISTILQA_DATA:-../shared/data}"
+DRY_RUN=0 RESULTS="" DATA="${DISTILQA_DATA:-../shared/data}" PYTHON="${PYTHON:-python3}" FAILED=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY_RUN=1 ;;
     --results) RESULTS="$2"; shift ;;
     --data) DATA="$2"; shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
     *) echo "gpu.sh: error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
-PYTHON="${PYTHON:-python3}"
 export TRANSFORMERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONUNBUFFERED=1
 if [ "$DRY_RUN" = 1 ]; then
-  RESULTS="${RESULTS:-${TMPDIR:-/tmp}/distilqa-gpu-dry-run}" DEVICE=cpu SUFFIX=cpu-dry-run
+  RESULTS="${RESULTS:-${TMPDIR:-/tmp}/distilqa-gpu-dry-run}" DEVICE=cpu SUFFIX=cpu-dry-run LIMITS=(300 300 300)
   export TRITON_INTERPRET=1  # before Triton is first imported: the kernel runs in the interpreter
-  QUICK=(--small --threads 1 --repeats 2 --warmup 1)
-  ATTENTION=("${QUICK[@]}" --masks none,padding,squad-padded,squad-packed --modes forward --implementations distilqa-eager,distilqa-sdpa,sdpa-math,transformers-sdpa,distilqa-triton)
-  FORWARD=("${QUICK[@]}")
+  FORWARD=(--small --threads 1 --repeats 2 --warmup 1)
+  ATTENTION=("${FORWARD[@]}" --masks none,padding,squad-padded,squad-packed --modes forward
+    --implementations distilqa-eager,distilqa-sdpa,sdpa-math,transformers-sdpa,distilqa-triton)
   PIPELINE=(--small --threads 1 --chunks 2 --peers "")
-  LIMITS=(300 300 300)
-else
-  RESULTS="${RESULTS:-benchmarks/results}" DEVICE=cuda SUFFIX=cuda
-  if ! "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
-    echo "gpu.sh: error: torch sees no CUDA device; run with --dry-run to check the script on the CPU" >&2
-    exit 2
-  fi
+elif "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+  RESULTS="${RESULTS:-benchmarks/results}" DEVICE=cuda SUFFIX=cuda LIMITS=(240 90 120)
   ATTENTION=(--dtypes fp16,bf16 --repeats 20 --warmup 3)  # every shape, mask and implementation
   FORWARD=(--dtypes fp32,fp16,bf16 --repeats 10 --warmup 3
     --variants transformers-eager,transformers-sdpa,distilqa-eager,distilqa-sdpa,distilqa-triton)
   # the whole SQuAD v1.1 dev set, fp32 and bf16 with the Triton core; the reference at batch size 32
   PIPELINE=(--questions 0 --modes fp32,bf16 --attn-implementation triton --reference-batch-sizes 32 --batch-size 128)
-  LIMITS=(240 90 120)
+else
+  echo "gpu.sh: error: torch sees no CUDA device; run with --dry-run to check the script on the CPU" >&2
+  exit 2
 fi
-mkdir -p "$RESULTS"
 LOG="$RESULTS/gpu.log"
-: >"$LOG"
-FAILED=()
+mkdir -p "$RESULTS" && : >"$LOG"
 log() { echo "$*" | tee -a "$LOG"; }
 
 step() {  # step NAME LIMIT ARGS...: benchmarks/NAME.py under a time limit, output into $RESULTS
@@ -79,8 +66,5 @@ elif ! "$PYTHON" -c "import sys, transformers as t; sys.exit(tuple(map(int, t.__
 else
   step pipeline "${LIMITS[2]}" "${PIPELINE[@]}" --data "$SQUAD" --vocab "$VOCAB"
 fi
-if [ ${#FAILED[@]} -gt 0 ]; then
-  log "gpu.sh: done, with failures: ${FAILED[*]} (see $LOG)"
-  exit 1
-fi
+[ ${#FAILED[@]} = 0 ] || { log "gpu.sh: done, with failures: ${FAILED[*]} (see $LOG)"; exit 1; }
 log "gpu.sh: done; results in $RESULTS"

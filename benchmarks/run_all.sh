@@ -1,8 +1,6 @@
 #!/usr/bin/env bash
-# The full CPU benchmark run, on a quiet machine: forward, pipeline, attention and serve at full size,
-# each writing benchmarks/results/<name>-cpu.json (and .png), then the pictures and the tables in docs/
-# made anew from the JSON (benchmarks/report.py). About 20 to 25 minutes on 2 cores.
-#
+# The full CPU run on a quiet machine (about 20 to 25 minutes on 2 cores): forward, pipeline, attention
+# and serve at full size into benchmarks/results/<name>-cpu.{json,png}, then benchmarks/report.py.
 #   benchmarks/run_all.sh                    # every step
 #   benchmarks/run_all.sh forward pipeline   # only the steps named
 set -euo pipefail
@@ -10,12 +8,11 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 export TRANSFORMERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONUNBUFFERED=1
 declare -A COMMANDS=([forward]="--variants all --profile" [pipeline]="" [attention]="" [serve]="")
-STEPS=("$@")
-[ $# -gt 0 ] || STEPS=(forward pipeline attention serve)
-for step in "${STEPS[@]}"; do  # every name checked before anything runs
+[ $# -gt 0 ] || set -- forward pipeline attention serve
+for step in "$@"; do  # every name checked before anything runs
   [ -n "${COMMANDS[$step]+x}" ] || { echo "run_all.sh: error: unknown step $step (${!COMMANDS[*]})" >&2; exit 2; }
 done
-for step in "${STEPS[@]}"; do
+for step in "$@"; do
   # shellcheck disable=SC2086  # the options are words
   "$PYTHON" "benchmarks/$step.py" ${COMMANDS[$step]}
 done
