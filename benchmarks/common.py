@@ -137,18 +137,18 @@ def gemm_reference(config: DistilBertConfig, tokens: int, device: torch.device, 
 
     work = [(randn(tokens, k), randn(n, k), count) for k, n, count in layer_gemms(config)]
     gemms = {"gemm F.linear": lambda: [torch.nn.functional.linear(x, w) for x, w, c in work for _ in range(c)]}
-    if device.type == "cpu" and dtype == torch.float32 and onednn_available():
+    if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and onednn_available():
         onednn = torch.ops.mkldnn._linear_pointwise
         gemms["gemm onednn"] = lambda: [onednn(x, w, None, "none", [], "") for x, w, c in work for _ in range(c)]
     return gemms
 
 
-def gemm_rates(config: DistilBertConfig, device: torch.device, repeats: int = 5) -> dict[str, float]:
-    """fp32 GFLOP/s per library at the layer's GEMMs, the best of M = 384, 2048 and 3072 tokens."""
+def gemm_rates(config: DistilBertConfig, device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """GFLOP/s per library at the layer's GEMMs in ``dtype``, the best of M = 384, 2048 and 3072 tokens."""
     rates: dict[str, float] = {}
     for tokens in (384, 2048, 3072):
         flops = sum(2 * tokens * k * n * count for k, n, count in layer_gemms(config))
-        timings = time_round_robin(gemm_reference(config, tokens, device, torch.float32), 1, repeats, device)
+        timings = time_round_robin(gemm_reference(config, tokens, device, dtype), 1, 5, device)
         for name, timing in timings.items():
             library = name.removeprefix("gemm ")
             rates[library] = max(rates.get(library, 0.0), flops / timing["median_ms"] / 1e6)

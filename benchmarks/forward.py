@@ -181,18 +181,21 @@ def table(payload: dict[str, Any]) -> str:
         gemm = " / ".join(f"{g:.0f}" for g in m["gflop_per_s_by_library"].values())
         speedup = f"{ours}: {ms['transformers-sdpa'] / ms[ours]:.2f}x"
         mask = "" if payload["settings"]["masks"] == ["ones"] else f", mask {m['mask']}"
-        rows.append([f"{m['batch']} x {m['seq']}{mask}", *(ms.get(v) for v in variants), speedup, versus_peer, gemm])
+        dtype = "" if len(payload["settings"]["dtypes"]) == 1 else f", {m['dtype']}"
+        rows.append(
+            [f"{m['batch']} x {m['seq']}{dtype}{mask}", *(ms.get(v) for v in variants), speedup, versus_peer, gemm]
+        )
     libraries = " / ".join(payload["matmul"][0]["gflop_per_s_by_library"]) if payload["matmul"] else ""
-    headers = ["batch x seq", *(f"{v} ms" for v in variants), "fastest fp32 distilqa vs transformers-sdpa",
+    headers = ["batch x seq", *(f"{v} ms" for v in variants), "fastest distilqa vs transformers-sdpa",
                "vs fastest peer", f"GEMM GFLOP/s ({libraries})"]  # fmt: skip
     return common.markdown_table(headers, rows)
 
 
 def profile_table(payload: dict[str, Any]) -> str:
     """Where the forward's time goes, per profiled shape and variant: shares of the profiled time."""
-    rows = [[f"{p['batch']} x {p['seq']}", p["variant"], *(f"{100 * v:.0f}%" for v in p["shares"].values())]
+    rows = [[f"{p['batch']} x {p['seq']}", p["dtype"], p["variant"], *(f"{100 * v:.0f}%" for v in p["shares"].values())]
             for p in payload["profiles"]]  # fmt: skip
-    return common.markdown_table(["batch x seq", "variant", *PROFILE_CATEGORIES, "other"], rows)
+    return common.markdown_table(["batch x seq", "dtype", "variant", *PROFILE_CATEGORIES, "other"], rows)
 
 
 def plot(payload: dict[str, Any], path: Path) -> Path:

@@ -19,22 +19,36 @@ from torch.nn.utils.rnn import pad_sequence
 
 from benchmarks import common
 from distilqa import DistilBertConfig, QuestionAnswerer
+from distilqa.attention import auto_attention
 from distilqa.squad import read_squad
 from distilqa.testing import save_reference_checkpoint
 from distilqa.tokenization import write_tokenizer_files
 
 SMALL_CONFIG = DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64)
+
+
+def float32_attention(query, key, value, mask, dropout_p=0.0, need_weights=False):
+    """A researcher's core: a bf16 model's attention computed in float32, the rest of it in bf16."""
+    context, _ = auto_attention(query.float(), key.float(), value.float(), mask, dropout_p)
+    return context.to(query.dtype), None
+
+
 # name -> QuestionAnswerer.from_pretrained options. A new mode is one more row.
 MODES: dict[str, dict[str, Any]] = {
     "fp32": dict(dtype="float32"),
     "fp32-aten": dict(dtype="float32", linear_backend="aten"),
     "bf16": dict(dtype="bfloat16"),
+    "bf16-aten": dict(dtype="bfloat16", linear_backend="aten"),  # PyTorch's own bf16 GEMMs, no post-ops
+    "bf16-fp32-attention": dict(dtype="bfloat16", attn_implementation=float32_attention),  # bf16 attention's cost
     "fp16": dict(dtype="float16"),
     "int8": dict(dtype="float32", quantize="int8"),
     "fp32-compiled": dict(dtype="float32", compile=True),
 }
-CPU_ONLY_MODES = ("fp32-aten", "int8")
-DEFAULT_MODES = {"cpu": "fp32,fp32-aten,bf16,int8,fp32-compiled", "cuda": "fp32,bf16,fp16,fp32-compiled"}
+CPU_ONLY_MODES = ("fp32-aten", "bf16-aten", "int8")
+DEFAULT_MODES = {
+    "cpu": "fp32,fp32-aten,bf16,bf16-aten,bf16-fp32-attention,int8,fp32-compiled",
+    "cuda": "fp32,bf16,fp16,fp32-compiled",
+}
 MAX_SEQ_LEN, DOC_STRIDE = 384, 128  # the pipelines' defaults
 MODEL_TITLES = {"small random": "a tiny model", "random, published config": "random weights at the published size"}
 # Where an answerer's time goes, by the function that spends it (cProfile's cumulative time).
@@ -107,7 +121,9 @@ def run(args: argparse.Namespace, device: torch.device, _: list[str]) -> dict[st
     with tempfile.TemporaryDirectory(prefix="distilqa-bench-") as tmp:
         checkpoint, questions, contexts = load_data(args, Path(tmp), 16 if args.small else args.questions)
         shared = dict(device=device, batch_size=args.batch_size, attn_implementation=args.attn_implementation)
-        answerers = {f"distilqa {m}": QuestionAnswerer.from_pretrained(checkpoint, **shared, **MODES[m]) for m in modes}
+        answerers = {
+            f"distilqa {m}": QuestionAnswerer.from_pretrained(checkpoint, **{**shared, **MODES[m]}) for m in modes
+        }
         fp32 = answerers["distilqa fp32"]
         runners: dict[str, Any] = dict(answerers)
         models = {name: answerer.model for name, answerer in answerers.items()}
@@ -126,6 +142,7 @@ def run(args: argparse.Namespace, device: torch.device, _: list[str]) -> dict[st
     lengths = [len(w.ids) for w in windows(fp32, questions, contexts)]
     flops = sum(common.window_flops(fp32.model.config, n)["total"] for n in lengths)
     gemms = common.gemm_rates(fp32.model.config, device) if device.type == "cpu" else {}
+    bf16_gemms = common.gemm_rates(fp32.model.config, device, torch.bfloat16) if device.type == "cpu" else {}
     best_gemm = max(gemms.values(), default=None)
     best_reference = min((n for n in runners if n.startswith("transformers")), key=seconds.get)
     rows = [{"runner": name, "seconds": seconds[name], "first_call_seconds": first_call[name],
@@ -141,9 +158,10 @@ def run(args: argparse.Namespace, device: torch.device, _: list[str]) -> dict[st
                 "window_tokens": sum(lengths), "gflop_total": flops / 1e9, "model": model_name(args),
                 "distilqa_batch_size": args.batch_size, "distilqa_max_tokens": fp32.max_tokens,
                 "distilqa_attn_implementation": args.attn_implementation,
-                "distilqa_modes": {m: MODES[m] for m in modes},
+                "distilqa_modes": {m: {k: getattr(v, "__name__", v) for k, v in MODES[m].items()} for m in modes},
                 "peers": peers, "best_reference": best_reference, "chunks_interleaved": args.chunks}  # fmt: skip
     return {"settings": settings, "fp32_gemm_gflop_per_s": gemms, "best_fp32_gemm_gflop_per_s": best_gemm,
+            "bf16_gemm_gflop_per_s": bf16_gemms,
             "results": rows, "phases": phases}  # fmt: skip
 
 

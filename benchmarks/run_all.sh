@@ -7,7 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 export TRANSFORMERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONUNBUFFERED=1
-declare -A COMMANDS=([forward]="--variants all --profile" [pipeline]="" [attention]="" [serve]="")
+FORWARD="transformers-eager,transformers-sdpa,onnxruntime,openvino,distilqa-sdpa,distilqa-onednn-unfused"
+FORWARD+=",distilqa-onednn,distilqa-onednn-attn,distilqa-auto,distilqa-int8"
+declare -A COMMANDS=([forward]="--variants $FORWARD --dtypes fp32,bf16 --profile" [pipeline]="" [attention]="" [serve]="")
 [ $# -gt 0 ] || set -- forward pipeline attention serve
 for step in "$@"; do  # every name checked before anything runs
   [ -n "${COMMANDS[$step]+x}" ] || { echo "run_all.sh: error: unknown step $step (${!COMMANDS[*]})" >&2; exit 2; }
