@@ -230,39 +230,48 @@ def auto_attention(
     dropout_p: float = 0.0,
     need_weights: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """On the CPU, whichever of :func:`onednn_attention` and :func:`sdpa_attention` is measured faster on
-    this machine for the query's dtype (once per process, :func:`fastest_cpu_attention`); elsewhere
-    :func:`sdpa_attention`."""
+    """On the CPU, whichever core of :data:`AUTO_CANDIDATES` is measured fastest on this machine for the
+    query's dtype (once per process, :func:`fastest_cpu_attention`); elsewhere :func:`sdpa_attention`."""
     cpu = query.device.type == "cpu"
     core = ATTENTION_IMPLEMENTATIONS[fastest_cpu_attention(query.dtype)] if cpu else sdpa_attention
     return core(query, key, value, mask, dropout_p, need_weights)
 
 
+# What "auto" chooses from on the CPU ("eager" once the model has registered its written-out core).
+AUTO_CANDIDATES = ("sdpa", "onednn", "eager")
+
+
 @functools.cache
 def fastest_cpu_attention(
-    dtype: torch.dtype = torch.float32, heads: int = 12, seq: int = 384, head_dim: int = 64, repeat: int = 7
+    dtype: torch.dtype = torch.float32, heads: int = 12, seqs: tuple[int, ...] = (128, 384), repeat: int = 5
 ) -> str:
-    """ "onednn" or "sdpa": the faster, median of ``repeat``, on one window of the published model's
-    shape in ``dtype`` (about 0.2 s, once per process and dtype). oneDNN only when clearly faster: at
-    a tie, sdpa; and sdpa for a dtype the oneDNN core does not run."""
-    if not hasattr(torch.ops.mkldnn, "_linear_pointwise") or dtype not in (torch.float32, torch.bfloat16):
+    """The fastest core of :data:`AUTO_CANDIDATES` in ``dtype``: the sum over one window of each length
+    in ``seqs`` (SQuAD's windows are 384 tokens at most, about 150 on average) of the median of
+    ``repeat`` calls, at the published model's head size (about 0.3 s, once per process and dtype).
+    Another core only when clearly faster than sdpa (a tie keeps sdpa), and sdpa for other dtypes."""
+    if dtype not in (torch.float32, torch.bfloat16):
         return "sdpa"
+    names = [n for n in AUTO_CANDIDATES if n in ATTENTION_IMPLEMENTATIONS]
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        names.remove("onednn")
     generator = torch.Generator().manual_seed(0)
-    shape = (1, seq, heads, head_dim)
-    q, k, v = (torch.randn(shape, generator=generator).to(dtype).transpose(1, 2) for _ in range(3))
-    median = {}
+    seconds = dict.fromkeys(names, 0.0)
     with torch.inference_mode():
-        for name in ("sdpa", "onednn"):
-            times = []
-            for _ in range(repeat + 1):  # the first call sets up and is not counted
-                began = time.perf_counter()
-                ATTENTION_IMPLEMENTATIONS[name](q, k, v, None)
-                times.append(time.perf_counter() - began)
-            median[name] = sorted(times[1:])[repeat // 2]
-    return "onednn" if median["onednn"] < 0.9 * median["sdpa"] else "sdpa"
+        for seq in seqs:
+            q, k, v = (torch.randn(1, seq, heads, 64, generator=generator).to(dtype).transpose(1, 2) for _ in range(3))
+            for name in names:
+                times = []
+                for _ in range(repeat + 1):  # the first call sets up and is not counted
+                    began = time.perf_counter()
+                    ATTENTION_IMPLEMENTATIONS[name](q, k, v, None)
+                    times.append(time.perf_counter() - began)
+                seconds[name] += sorted(times[1:])[repeat // 2]
+    fastest = min(names, key=seconds.get)
+    return fastest if seconds[fastest] < 0.9 * seconds["sdpa"] else "sdpa"
 
 
-# The cores by name; "eager", the written-out core, lives with the model (distilqa.model.eager_attention).
+# The cores by name. "eager", the written-out core, lives with the model (distilqa.model.eager_attention),
+# which registers it here under that name.
 ATTENTION_IMPLEMENTATIONS: dict[str, AttentionFunction] = {
     "sdpa": sdpa_attention,
     "onednn": onednn_attention,
@@ -278,7 +287,7 @@ def resolve_attention(implementation: str | AttentionFunction) -> AttentionFunct
     try:
         return ATTENTION_IMPLEMENTATIONS[implementation]
     except KeyError:
-        names = ", ".join(repr(name) for name in ("eager", *ATTENTION_IMPLEMENTATIONS))
+        names = ", ".join(repr(name) for name in dict.fromkeys(("eager", *ATTENTION_IMPLEMENTATIONS)))
         raise ValueError(
             f"unknown attention implementation {implementation!r}; expected one of {names} or a callable"
         ) from None

@@ -12,8 +12,7 @@ state as the start and as the end of the answer span.
       -> dropout, qa_outputs: Linear(dim, 2)                            (batch, seq, 2)
       -> start_logits, end_logits                                       (batch, seq) each
 
-Module names mirror the published checkpoint's keys (``distilbert.transformer.layer.0.attention.q_lin.weight``)
-so its weights load strictly, with no renaming.
+Module names mirror the published checkpoint's keys, so its weights load strictly, with no renaming.
 
 The only implementation of the network in distilqa. Speed comes from switches on this one model, each tested
 for the same logits: attention core, GEMM library and post-ops (``distilqa.linear``), dtype, packed windows.
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distilqa import linear, pruning
+from distilqa import attention, linear, pruning
 from distilqa.attention import AttentionFunction, AttentionMask, attend, attention_mask_and_positions, resolve_attention
 from distilqa.config import DistilBertConfig
 from distilqa.validate import check_model_inputs
@@ -87,6 +86,10 @@ def eager_attention(
     weights = F.dropout(weights, p=dropout_p, training=dropout_p > 0.0)
     context = torch.matmul(weights, value)  # (batch, heads, seq, head_dim): the weighted sum of values
     return context, (weights if need_weights else None)
+
+
+# The written-out core by name, beside the other cores of distilqa.attention ("auto" measures it too).
+attention.ATTENTION_IMPLEMENTATIONS["eager"] = eager_attention
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -192,7 +195,6 @@ class DistilBertModel(nn.Module):
         window_lengths: Sequence[int] | None = None,
     ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
         """The last hidden state (batch, seq, dim), and the hidden states and attention maps asked for."""
-        # A (batch, 1, 1, seq) key mask, packed windows (positions restart at each window), or None.
         mask, position_ids = attention_mask_and_positions(attention_mask, window_lengths, input_ids.device)
         x = self.embeddings(input_ids, position_ids)  # (batch, seq, dim)
         hidden_states, attentions = [x] if output_hidden_states else [], []
@@ -256,9 +258,8 @@ class DistilBertForQuestionAnswering(nn.Module):
         )
 
     def set_attn_implementation(self, implementation: str | AttentionFunction) -> None:  # switches: how, not what
-        """The attention core of every layer: "eager" (:func:`eager_attention`), a core of
-        distilqa.attention by name ("sdpa", "onednn", "triton"), or any function of the same signature."""
-        function = eager_attention if implementation == "eager" else resolve_attention(implementation)
+        """Every layer's attention core: "eager", "sdpa", "onednn", "auto", "triton" or a function like them."""
+        function = resolve_attention(implementation)
         self.attn_implementation = implementation if isinstance(implementation, str) else function.__name__
         for block in self.distilbert.transformer.layer:
             block.attention.attention_function = function
@@ -300,8 +301,7 @@ class DistilBertForQuestionAnswering(nn.Module):
         attn_implementation: str | AttentionFunction = "sdpa",
         linear_backend: str = "aten",
     ) -> DistilBertForQuestionAnswering:
-        """Load a checkpoint folder (config.json + safetensors) or a hub repo id, in eval mode. dtype: None/float32
-        (exact), bfloat16, float16 or "auto"; linear_backend "aten" reproduces transformers bit for bit."""
+        """A checkpoint folder (config.json, safetensors) or hub repo id, in eval mode: see weights.load_pretrained."""
         return load_pretrained(cls, name_or_path, revision, device, dtype, attn_implementation, linear_backend)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:

@@ -140,8 +140,9 @@ def load_pretrained(
     linear_backend: str = "aten",
 ):
     """Build ``model_class`` from a checkpoint, strictly: see :func:`convert_state_dict`. The model
-    is returned in eval mode, in ``dtype`` (default float32; a name as distilqa.hardware.resolve_dtype
-    reads it) on ``device`` (default CPU), its linear layers on ``linear_backend``."""
+    is returned in eval mode, in ``dtype`` (default float32, exact; bfloat16, float16, or "auto": a name
+    as distilqa.hardware.resolve_dtype reads it) on ``device`` (default CPU), its linear layers on
+    ``linear_backend`` ("aten", the default, reproduces transformers bit for bit)."""
     device = torch.device(device or "cpu")
     dtype = resolve_dtype(dtype, device)
     directory, config = checkpoint_config(name_or_path, revision)

@@ -151,6 +151,13 @@ BUGS = [
         ("tests/test_linear.py",),
     ),
     Bug(
+        "attention: auto leaves the written-out core out",
+        "distilqa/attention.py",
+        'AUTO_CANDIDATES = ("sdpa", "onednn", "eager")',
+        'AUTO_CANDIDATES = ("sdpa", "onednn")',
+        ("tests/test_attention.py", "-k", "auto"),
+    ),
+    Bug(
         "linear: auto measures float32 for a bfloat16 model",
         "distilqa/linear.py",
         'backend = fastest_linear_backend(dtypes.pop()) if len(dtypes) == 1 else "aten"',

@@ -270,9 +270,31 @@ def test_auto_runs_the_core_measured_faster_and_matches_eager(monkeypatch):
         context, _ = attention.auto_attention(q, k, v, mask)
         assert (context - eager_attention(q, k, v, mask)[0]).abs().max() <= 1e-6
     assert calls == ["sdpa", "onednn"]
-    assert measure(seq=32, repeat=1) in ("sdpa", "onednn")
-    assert measure(torch.bfloat16, seq=32, repeat=1) in ("sdpa", "onednn")
-    assert measure(torch.float16, seq=32, repeat=1) == "sdpa"  # the oneDNN core runs fp32 and bf16 only
+    assert measure(seqs=(32,), repeat=1) in ("sdpa", "onednn", "eager")
+    assert measure(torch.bfloat16, seqs=(32,), repeat=1) in ("sdpa", "onednn", "eager")
+    assert measure(torch.float16, seqs=(32,), repeat=1) == "sdpa"  # measured in fp32 and bf16 only
+
+
+def test_auto_measures_every_candidate_eager_included(monkeypatch):
+    """The written-out core is registered by name and measured with the others; a clock that each core
+    advances by its own cost makes the choice deterministic: the cheapest wins if clearly cheaper."""
+    from distilqa import attention
+
+    assert attention.resolve_attention("eager") is eager_attention
+    clock = [0.0]
+    monkeypatch.setattr(attention.time, "perf_counter", lambda: clock[0])
+
+    def costing(seconds):
+        return lambda *args: clock.__setitem__(0, clock[0] + seconds)
+
+    for costs, expected in [
+        ({"sdpa": 3.0, "onednn": 2.0, "eager": 1.0}, "eager"),
+        ({"sdpa": 3.0, "onednn": 2.0, "eager": 4.0}, "onednn"),
+        ({"sdpa": 1.0, "onednn": 0.95, "eager": 2.0}, "sdpa"),  # not clearly faster: sdpa stays
+    ]:
+        for name, seconds in costs.items():
+            monkeypatch.setitem(attention.ATTENTION_IMPLEMENTATIONS, name, costing(seconds))
+        assert MEASURE_FASTEST.__wrapped__(torch.bfloat16, seqs=(8, 16), repeat=3) == expected
 
 
 def test_onednn_core_skips_padding_keys_and_matches_eager():

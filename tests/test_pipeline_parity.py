@@ -37,7 +37,10 @@ import pytest
 import torch
 from conftest import SQUAD_FILE
 
+from distilqa.linear import onednn_available
 from distilqa.pipeline import QuestionAnswerer
+
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this PyTorch has no oneDNN")
 
 OPTIONS = [
     dict(top_k=1, handle_impossible_answer=False),
@@ -247,10 +250,31 @@ def test_padded_fp32(sample, peaked_checkpoint, reference):
     assert identical == len(pairs), identical  # measured: 136/136
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_half_precision(sample, peaked_checkpoint, reference, dtype):
-    half = QuestionAnswerer.from_pretrained(peaked_checkpoint, batch_size=16, dtype=dtype)
-    assert half.model.dtype == getattr(torch, dtype)
+@needs_onednn
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "onednn"])
+def test_onednn_post_ops_fp32(sample, peaked_checkpoint, reference, attn_implementation):
+    """oneDNN GEMMs with their post-ops (GELU inside lin1, the residual adds inside out_lin and lin2),
+    and the oneDNN attention core: the reference's answers, at the published size."""
+    fused = QuestionAnswerer.from_pretrained(
+        peaked_checkpoint, batch_size=16, linear_backend="onednn", attn_implementation=attn_implementation
+    )
+    assert fused.model.distilbert.transformer.layer[0].ffn.lin1.post_op == "gelu"
+    pairs, options = sample[::4], dict(top_k=3, handle_impossible_answer=True)
+    identical, worst, unexplained = run_both(fused, reference, pairs, options, "float32")
+    assert not unexplained, "\n".join(unexplained)
+    assert worst <= SCORE_RTOL["float32"]
+    assert identical == len(pairs), identical
+
+
+@pytest.mark.parametrize(
+    "dtype, linear_backend",
+    [("bfloat16", "aten"), pytest.param("bfloat16", "onednn", marks=needs_onednn), ("float16", "aten")],
+)
+def test_half_precision(sample, peaked_checkpoint, reference, dtype, linear_backend):
+    half = QuestionAnswerer.from_pretrained(
+        peaked_checkpoint, batch_size=16, dtype=dtype, linear_backend=linear_backend
+    )
+    assert half.model.dtype == getattr(torch, dtype) and half.model.linear_backend == linear_backend
     pairs, options = sample[:: 4 if dtype == "bfloat16" else 16], dict(top_k=1)  # fp16 is slow on most CPUs
     identical, worst, unexplained = run_both(half, reference, pairs, options, dtype)
     assert not unexplained, "\n".join(unexplained)
