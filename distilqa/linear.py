@@ -52,17 +52,12 @@ class OneDNNLinear(nn.Linear):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """x (..., in) -> (..., out); residual (..., out), added to the output when given."""
-        fused = POST_OPS.get(self.post_op)
-        if self._runs_onednn(x) and residual is None:
+        fused, onednn = POST_OPS.get(self.post_op), self._runs_onednn(x)  # checked once per call
+        if onednn and residual is None:
             return torch.ops.mkldnn._linear_pointwise(
                 x, self.weight, self.bias, self.post_op, [], fused[1] if fused else ""
             )
-        if (
-            self._runs_onednn(x)
-            and not fused
-            and residual.dtype == x.dtype
-            and residual.shape == (*x.shape[:-1], self.out_features)
-        ):
+        if onednn and not fused and residual.dtype == x.dtype and residual.shape == (*x.shape[:-1], self.out_features):
             # oneDNN's binary post-op: the GEMM adds the residual as it writes its output
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
         y = F.linear(x, self.weight, self.bias)  # (..., out)
