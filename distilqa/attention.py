@@ -164,13 +164,15 @@ def onednn_attention(
         lengths = counts.tolist()
     gemm = torch.ops.mkldnn._linear_pointwise
     context = query.new_empty(batch, seq, heads, head_dim)  # token-major: merging the heads after is a view
-    query = query * head_dim**-0.5  # (batch, heads, seq, head_dim); 1/8 for head_dim 64: exact
+    q = query.new_empty(heads, seq, head_dim)  # one sequence's queries, contiguous, reused
     for b, n in enumerate(lengths):
         if n == 0:  # every key is padding: uniform weights over all keys, as the eager core gives
             context[b] = value[b].mean(dim=1)[None, :, :].expand(seq, heads, head_dim)
             continue
-        # oneDNN wants its "weight" operand contiguous: one copy per sequence, not per head.
-        q, k, v_t = query[b].contiguous(), key[b, :, :n].contiguous(), value[b, :, :n].transpose(1, 2).contiguous()
+        # oneDNN wants its operands contiguous: one copy per sequence, not per head, the scaling of the
+        # queries (1/8 for head_dim 64: exact) in the same pass.
+        torch.mul(query[b], head_dim**-0.5, out=q)
+        k, v_t = key[b, :, :n].contiguous(), value[b, :, :n].transpose(1, 2).contiguous()
         for h in range(heads):
             scores = gemm(q[h], k[h], None, "none", [], "")  # (seq, n) = q kᵀ
             context[b, :, h] = gemm(torch.softmax(scores, dim=-1), v_t[h], None, "none", [], "")  # (seq, head_dim)
@@ -231,10 +233,16 @@ def auto_attention(
     need_weights: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """On the CPU, whichever core of :data:`AUTO_CANDIDATES` is measured fastest on this machine for the
-    query's dtype (once per process, :func:`fastest_cpu_attention`); elsewhere :func:`sdpa_attention`."""
-    cpu = query.device.type == "cpu"
-    core = ATTENTION_IMPLEMENTATIONS[fastest_cpu_attention(query.dtype)] if cpu else sdpa_attention
-    return core(query, key, value, mask, dropout_p, need_weights)
+    query's dtype and shape (:func:`fastest_cpu_attention`, once per process for each dtype and shape
+    rounded up: the batch to a power of two, at most 8, the sequence to a multiple of 64); elsewhere, and
+    inside ``torch.compile`` (whose own kernel replaces it), :func:`sdpa_attention`."""
+    if query.device.type != "cpu" or torch.compiler.is_compiling():
+        return sdpa_attention(query, key, value, mask, dropout_p, need_weights)
+    batch, heads, seq, head_dim = query.shape
+    name = fastest_cpu_attention(
+        query.dtype, min(8, 1 << (batch - 1).bit_length()), heads, -(-seq // 64) * 64, head_dim
+    )
+    return ATTENTION_IMPLEMENTATIONS[name](query, key, value, mask, dropout_p, need_weights)
 
 
 # What "auto" chooses from on the CPU ("eager" once the model has registered its written-out core).
@@ -243,29 +251,36 @@ AUTO_CANDIDATES = ("sdpa", "onednn", "eager")
 
 @functools.cache
 def fastest_cpu_attention(
-    dtype: torch.dtype = torch.float32, heads: int = 12, seqs: tuple[int, ...] = (128, 384), repeat: int = 5
+    dtype: torch.dtype = torch.float32,
+    batch: int = 1,
+    heads: int = 12,
+    seq: int = 384,
+    head_dim: int = 64,
+    repeat: int = 5,
 ) -> str:
-    """The fastest core of :data:`AUTO_CANDIDATES` in ``dtype``: the sum over one window of each length
-    in ``seqs`` (SQuAD's windows are 384 tokens at most, about 150 on average) of the median of
-    ``repeat`` calls, at the published model's head size (about 0.3 s, once per process and dtype).
-    Another core only when clearly faster than sdpa (a tie keeps sdpa), and sdpa for other dtypes."""
+    """The fastest core of :data:`AUTO_CANDIDATES` for attention over ``batch`` sequences of ``seq`` tokens
+    in ``dtype``: the median of ``repeat`` calls each (a few ms to a few hundred, once per process and
+    arguments). Which one wins depends on the shape: on an AMD EPYC in float32, sdpa for a 160-token window,
+    oneDNN for 384 tokens; in bfloat16 the written-out core for a window, oneDNN for 8 x 384. Another core
+    only when clearly faster than sdpa (a tie keeps sdpa), and sdpa for dtypes other than fp32 and bf16."""
     if dtype not in (torch.float32, torch.bfloat16):
         return "sdpa"
     names = [n for n in AUTO_CANDIDATES if n in ATTENTION_IMPLEMENTATIONS]
     if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         names.remove("onednn")
     generator = torch.Generator().manual_seed(0)
-    seconds = dict.fromkeys(names, 0.0)
+    q, k, v = (
+        torch.randn(batch, seq, heads, head_dim, generator=generator).to(dtype).transpose(1, 2) for _ in range(3)
+    )
+    seconds = {}
     with torch.inference_mode():
-        for seq in seqs:
-            q, k, v = (torch.randn(1, seq, heads, 64, generator=generator).to(dtype).transpose(1, 2) for _ in range(3))
-            for name in names:
-                times = []
-                for _ in range(repeat + 1):  # the first call sets up and is not counted
-                    began = time.perf_counter()
-                    ATTENTION_IMPLEMENTATIONS[name](q, k, v, None)
-                    times.append(time.perf_counter() - began)
-                seconds[name] += sorted(times[1:])[repeat // 2]
+        for name in names:
+            times = []
+            for _ in range(repeat + 1):  # the first call sets up and is not counted
+                began = time.perf_counter()
+                ATTENTION_IMPLEMENTATIONS[name](q, k, v, None)
+                times.append(time.perf_counter() - began)
+            seconds[name] = sorted(times[1:])[repeat // 2]
     fastest = min(names, key=seconds.get)
     return fastest if seconds[fastest] < 0.9 * seconds["sdpa"] else "sdpa"
 

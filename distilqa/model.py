@@ -142,12 +142,15 @@ class FFN(nn.Module):
     def __init__(self, config: DistilBertConfig):
         super().__init__()
         self.lin1 = nn.Linear(config.dim, config.hidden_dim)
-        # Exact (erf) GELU; a module, so a GEMM backend can fuse it into lin1 visibly (Identity here then).
-        self.activation = nn.GELU() if config.activation == "gelu" else nn.ReLU()
+        self.activation = nn.GELU() if config.activation == "gelu" else nn.ReLU()  # exact (erf); fusable: linear.py
         self.lin2 = nn.Linear(config.hidden_dim, config.dim)
         self.dropout = nn.Dropout(config.dropout)
+        self.chunk_tokens = 0  # > 0: that many positions at a time (set by a GEMM backend; see distilqa.linear)
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:  # x, residual: (batch, seq, dim)
+        if 0 < self.chunk_tokens < x[..., 0].numel() and residual is not None:  # position-wise: same result
+            chunks = zip(*(t.flatten(0, -2).split(self.chunk_tokens) for t in (x, residual)))  # (tokens, dim)
+            return torch.cat([self(x_part, r_part) for x_part, r_part in chunks]).view_as(x)
         hidden = self.activation(self.lin1(x))  # (batch, seq, hidden_dim)
         return linear.linear_add(self.lin2, hidden, residual, self.dropout)  # dropout(lin2(hidden)) + residual
 
@@ -278,10 +281,7 @@ class DistilBertForQuestionAnswering(nn.Module):
     def prune_heads(self, heads_to_prune: dict[int, Iterable[int]]) -> None:
         """Remove heads for good, ``{layer: [heads]}`` numbered as in the unpruned model: the same result as
         masking them (see distilqa.pruning); ``config.pruned_heads`` records them for save/load."""
-        layers = self.distilbert.transformer.layer
-        for layer, heads in pruning.check_heads_to_prune(heads_to_prune, len(layers), self.config.n_heads).items():
-            pruning.prune_attention_heads(layers[layer].attention, heads)
-            self.config.pruned_heads[layer] = sorted(set(self.config.pruned_heads.get(layer, [])) | heads)
+        pruning.prune_heads(self, heads_to_prune)
 
     @property
     def device(self) -> torch.device:  # the embeddings': never quantised or swapped

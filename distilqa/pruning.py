@@ -31,6 +31,15 @@ def check_heads_to_prune(heads_to_prune: Mapping[int, Iterable[int]], n_layers: 
     return checked
 
 
+def prune_heads(model: nn.Module, heads_to_prune: Mapping[int, Iterable[int]]) -> None:
+    """``model.prune_heads``: prune each layer's heads (numbered as in the unpruned model) and record them in
+    ``model.config.pruned_heads``, the model's own copy of its config, for save and load."""
+    layers = model.distilbert.transformer.layer
+    for layer, heads in check_heads_to_prune(heads_to_prune, len(layers), model.config.n_heads).items():
+        prune_attention_heads(layers[layer].attention, heads)
+        model.config.pruned_heads[layer] = sorted(set(model.config.pruned_heads.get(layer, [])) | heads)
+
+
 def prune_attention_heads(attention: nn.Module, heads: Iterable[int]) -> None:
     """Remove ``heads`` (numbered as in the unpruned layer; ones already gone are skipped) from one
     attention module, in place: new, smaller parameters in the same ``nn.Linear`` modules, so linear

@@ -165,6 +165,28 @@ BUGS = [
         ("tests/test_linear.py",),
     ),
     Bug(
+        "linear: the packed weight ignores in-place edits",
+        "distilqa/linear.py",
+        "key = (weight.data_ptr(), weight._version, weight.dtype)",
+        "key = (weight.data_ptr(), weight.dtype)",
+        ("tests/test_linear.py",),
+    ),
+    Bug(
+        "model: the feed-forward's last chunk dropped",
+        "distilqa/model.py",
+        "return torch.cat([self(x_part, r_part) for x_part, r_part in chunks]).view_as(x)",
+        "return torch.cat([self(x_part, r_part) for x_part, r_part in list(chunks)[:-1]] * 2)"
+        "[: x[..., 0].numel()].view_as(x)",
+        ("tests/test_linear.py",),
+    ),
+    Bug(
+        "attention: auto measures one shape for every window",
+        "distilqa/attention.py",
+        "query.dtype, min(8, 1 << (batch - 1).bit_length()), heads, -(-seq // 64) * 64, head_dim",
+        "query.dtype",
+        ("tests/test_attention.py", "-k", "auto"),
+    ),
+    Bug(
         "linear: fused GELU approximated with tanh",
         "distilqa/linear.py",
         '"gelu": (nn.GELU, "none", F.gelu),',

@@ -263,16 +263,32 @@ def test_auto_runs_the_core_measured_faster_and_matches_eager(monkeypatch):
     mask = key_mask_from_lengths([11, 6], 11)
     calls, measure = [], MEASURE_FASTEST.__wrapped__  # the real measurement (conftest pins "auto" to sdpa)
     for name in ("sdpa", "onednn"):
-        monkeypatch.setattr(attention, "fastest_cpu_attention", lambda dtype, name=name: name)
+        monkeypatch.setattr(attention, "fastest_cpu_attention", lambda *args, name=name: name)
         monkeypatch.setitem(
             attention.ATTENTION_IMPLEMENTATIONS, name, lambda *a, core=CORES[name], n=name: calls.append(n) or core(*a)
         )
         context, _ = attention.auto_attention(q, k, v, mask)
         assert (context - eager_attention(q, k, v, mask)[0]).abs().max() <= 1e-6
     assert calls == ["sdpa", "onednn"]
-    assert measure(seqs=(32,), repeat=1) in ("sdpa", "onednn", "eager")
-    assert measure(torch.bfloat16, seqs=(32,), repeat=1) in ("sdpa", "onednn", "eager")
-    assert measure(torch.float16, seqs=(32,), repeat=1) == "sdpa"  # measured in fp32 and bf16 only
+    assert measure(seq=32, repeat=1) in ("sdpa", "onednn", "eager")
+    assert measure(torch.bfloat16, 2, 4, 32, 16, repeat=1) in ("sdpa", "onednn", "eager")
+    assert measure(torch.float16, seq=32, repeat=1) == "sdpa"  # measured in fp32 and bf16 only
+
+
+def test_auto_chooses_per_shape_rounded_up(monkeypatch):
+    """The core is measured per dtype and shape: a window of 70 tokens asks about 128, a batch of 3 about 4,
+    and batches beyond 8 reuse 8's measurement; each answer is the core that runs."""
+    from distilqa import attention
+
+    asked, ran = [], []
+    monkeypatch.setattr(attention, "fastest_cpu_attention", lambda *args: asked.append(args) or "onednn")
+    monkeypatch.setitem(
+        attention.ATTENTION_IMPLEMENTATIONS, "onednn", lambda *a: ran.append(a[0].shape) or (a[0], None)
+    )
+    for batch, seq in [(3, 70), (1, 384), (20, 129)]:
+        attention.auto_attention(*random_qkv(batch=batch, seq=seq, dtype=torch.bfloat16), None)
+    assert asked == [(torch.bfloat16, 4, 4, 128, 16), (torch.bfloat16, 1, 4, 384, 16), (torch.bfloat16, 8, 4, 192, 16)]
+    assert ran == [(3, 4, 70, 16), (1, 4, 384, 16), (20, 4, 129, 16)]
 
 
 def test_auto_measures_every_candidate_eager_included(monkeypatch):
@@ -294,7 +310,7 @@ def test_auto_measures_every_candidate_eager_included(monkeypatch):
     ]:
         for name, seconds in costs.items():
             monkeypatch.setitem(attention.ATTENTION_IMPLEMENTATIONS, name, costing(seconds))
-        assert MEASURE_FASTEST.__wrapped__(torch.bfloat16, seqs=(8, 16), repeat=3) == expected
+        assert MEASURE_FASTEST.__wrapped__(torch.bfloat16, seq=16, repeat=3) == expected
 
 
 def test_onednn_core_skips_padding_keys_and_matches_eager():

@@ -91,6 +91,45 @@ def recorded_gemms(model, ids) -> list[tuple[str, str]]:
 
 
 @needs_onednn
+def test_packed_weight_follows_every_change_of_the_weight(model):
+    """oneDNN runs a reordered copy of each weight, made once and made again whenever PyTorch sees the
+    weight change: an edit in place, load_state_dict, a new Parameter. What runs is always the weight."""
+    set_linear_backend(model, "onednn")
+    layer = model.distilbert.transformer.layer[0].ffn.lin1
+    x = torch.randn(5, CONFIG.dim)
+
+    def check():
+        with torch.inference_mode():
+            assert linear_module.packed_weight(layer) is linear_module.packed_weight(layer)  # reordered once
+            assert (layer(x) - torch.nn.functional.gelu(x @ layer.weight.T + layer.bias)).abs().max() <= 1e-5
+
+    check()
+    with torch.no_grad():
+        layer.weight.mul_(-2.0)
+    check()
+    model.load_state_dict({k: v * 0.5 if k.endswith("lin1.weight") else v for k, v in model.state_dict().items()})
+    check()
+    layer.weight = nn.Parameter(torch.randn_like(layer.weight))
+    check()
+
+
+@needs_onednn
+def test_feed_forward_runs_in_chunks_of_tokens_bit_for_bit(model):
+    """On oneDNN a feed-forward block runs FFN_CHUNK_BYTES of hidden activations at a time: the same
+    logits bit for bit as all at once; other backends run it whole."""
+    ids = torch.randint(1, 500, (4, 40))
+    set_linear_backend(model, "onednn")
+    ffns = [block.ffn for block in model.distilbert.transformer.layer]
+    assert all(ffn.chunk_tokens == linear_module.FFN_CHUNK_BYTES // (CONFIG.hidden_dim * 4) for ffn in ffns)
+    whole = logits(model, ids)
+    for ffn in ffns:
+        ffn.chunk_tokens = 7  # 160 tokens in 23 chunks, the last one short
+    assert torch.equal(logits(model, ids), whole)
+    set_linear_backend(model, "aten")
+    assert all(ffn.chunk_tokens == 0 for ffn in ffns)
+
+
+@needs_onednn
 def test_residual_add_runs_inside_out_lin_and_lin2(model):
     """With "onednn" each sub-layer's last GEMM adds the residual as it writes (oneDNN's binary post-op):
     the same logits as adding after the GEMM, bit for bit, and within 1e-5 of the reference's order."""
