@@ -11,7 +11,8 @@ class's parameters, its state dict and its autograd (training always runs ``F.li
     "onednn"  oneDNN's GEMM (``torch.ops.mkldnn._linear_pointwise``) for float32 and bfloat16 CPU
               inference, with the work that follows a GEMM done as it writes its output ("post-ops"):
               the feed-forward activation fused into ``lin1``, and the residual connection's add into
-              ``out_lin`` and ``lin2`` (:func:`linear_add`)
+              ``out_lin`` and ``lin2`` (:func:`linear_add`); weights kept in oneDNN's own layout
+              (:func:`packed_weight`) and the feed-forward run in cache-sized chunks (FFN_CHUNK_BYTES)
     "auto"    whichever of the two is measured faster here for the model's dtype, on a feed-forward
               block of the model's own shape run as each backend runs it
 """
