@@ -41,12 +41,13 @@ MODES: dict[str, dict[str, Any]] = {
     "bf16-aten": dict(dtype="bfloat16", linear_backend="aten"),  # PyTorch's own bf16 GEMMs, no post-ops
     "bf16-fp32-attention": dict(dtype="bfloat16", attn_implementation=float32_attention),  # bf16 attention's cost
     "fp16": dict(dtype="float16"),
-    "int8": dict(dtype="float32", quantize="int8"),
+    "int8": dict(dtype="float32", quantize="int8"),  # on oneDNN's int8 GEMM where "auto" picks oneDNN
+    "int8-aten": dict(dtype="float32", quantize="int8", linear_backend="aten"),  # PyTorch's dynamic int8 layers
     "fp32-compiled": dict(dtype="float32", compile=True),
 }
-CPU_ONLY_MODES = ("fp32-aten", "bf16-aten", "int8")
+CPU_ONLY_MODES = ("fp32-aten", "bf16-aten", "int8", "int8-aten")
 DEFAULT_MODES = {
-    "cpu": "fp32,fp32-aten,bf16,bf16-aten,bf16-fp32-attention,int8,fp32-compiled",
+    "cpu": "fp32,fp32-aten,bf16,bf16-aten,bf16-fp32-attention,int8,int8-aten,fp32-compiled",
     "cuda": "fp32,bf16,fp16,fp32-compiled",
 }
 MAX_SEQ_LEN, DOC_STRIDE = 384, 128  # the pipelines' defaults

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 export TRANSFORMERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONUNBUFFERED=1
 FORWARD="transformers-eager,transformers-sdpa,onnxruntime,openvino,distilqa-sdpa,distilqa-onednn-unfused"
-FORWARD+=",distilqa-onednn,distilqa-onednn-attn,distilqa-auto,distilqa-int8"
+FORWARD+=",distilqa-onednn,distilqa-onednn-attn,distilqa-auto,distilqa-int8,distilqa-int8-onednn"
 declare -A COMMANDS=([forward]="--variants $FORWARD --dtypes fp32,bf16 --profile" [pipeline]="" [attention]="" [serve]="")
 [ $# -gt 0 ] || set -- forward pipeline attention serve
 for step in "$@"; do  # every name checked before anything runs

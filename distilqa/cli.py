@@ -316,7 +316,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--compile", action="store_true", help="torch.compile the model first (slow start, faster bulk work)"
     )
     parser.add_argument(
-        "--quantize", choices=("int8",), default=None, help="int8 dynamic quantisation of the linear layers (CPU)"
+        "--quantize",
+        choices=("int8",),
+        default=None,
+        help="int8 linear layers, inputs quantised per call (CPU; on oneDNN's int8 GEMM where oneDNN is the backend)",
     )
 
 

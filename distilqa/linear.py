@@ -15,12 +15,16 @@ class's parameters, its state dict and its autograd (training always runs ``F.li
               (:func:`packed_weight`) and the feed-forward run in cache-sized chunks (FFN_CHUNK_BYTES)
     "auto"    whichever of the two is measured faster here for the model's dtype, on a feed-forward
               block of the model's own shape run as each backend runs it
+    "onednn-int8"  int8 inference with the same post-ops: oneDNN's int8 GEMM
+              (``torch.ops.onednn.qlinear_pointwise``) on each weight quantised per output channel, each
+              input quantised per call; the parameters stay float32. Approximate, like every int8 path
 """
 
 from __future__ import annotations
 
 import functools
 import time
+import warnings
 import weakref
 from collections.abc import Callable
 
@@ -28,11 +32,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distilqa.hardware import cpu_info
+
 LINEAR_BACKENDS = ("aten", "onednn")
 
 
 def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def onednn_int8_available() -> bool:
+    """oneDNN's int8 GEMM with post-ops, on a CPU that multiplies int8 natively (AVX512-VNNI or AMX-INT8):
+    without them oneDNN's unsigned-by-signed 8-bit products can saturate."""
+    isa = cpu_info()["isa"]
+    native = isa["avx512_vnni"] or isa["amx_int8"]
+    return native and onednn_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
 
 
 # Activations oneDNN can apply to a GEMM's output as it is written (a "post-op"): name -> (the module
@@ -56,25 +70,63 @@ class OneDNNLinear(nn.Linear):
         """x (..., in) -> (..., out); residual (..., out), added to the output when given."""
         fused, onednn = POST_OPS.get(self.post_op), self._runs_onednn(x)  # checked once per call
         if onednn and residual is None:
-            return torch.ops.mkldnn._linear_pointwise(
-                x, packed_weight(self), self.bias, self.post_op, [], fused[1] if fused else ""
-            )
+            return self._gemm(x, fused[1] if fused else "")
         if onednn and not fused and residual.dtype == x.dtype and residual.shape == (*x.shape[:-1], self.out_features):
-            # oneDNN's binary post-op: the GEMM adds the residual as it writes its output
-            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed_weight(self), self.bias, "add")
+            return self._gemm(x, "", residual)  # oneDNN's binary post-op adds the residual as the GEMM writes
         y = F.linear(x, self.weight, self.bias)  # (..., out)
         y = fused[2](y) if fused else y
         return y if residual is None else y + residual
+
+    def _gemm(self, x: Tensor, algorithm: str, residual: Tensor | None = None) -> Tensor:
+        if residual is None:
+            return torch.ops.mkldnn._linear_pointwise(x, packed_weight(self), self.bias, self.post_op, [], algorithm)
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed_weight(self), self.bias, "add")
+
+    def _pack(self, weight: Tensor) -> Tensor:  # see packed_weight
+        return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+
+    dtypes = (torch.float32, torch.bfloat16)
 
     def _runs_onednn(self, x: Tensor) -> bool:
         return (
             x.device.type == "cpu"
             and x.shape[-1] > 0  # oneDNN refuses an empty reduction (a layer whose inputs were all pruned)
-            and x.dtype in (torch.float32, torch.bfloat16)
+            and x.dtype in self.dtypes
             and self.weight.dtype == x.dtype
             and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
             and not torch.compiler.is_compiling()  # inside torch.compile, inductor picks the GEMM
         )
+
+
+class OneDNNInt8Linear(OneDNNLinear):
+    """:class:`OneDNNLinear` whose float32 CPU inference multiplies in int8: the weight quantised
+    symmetrically per output channel (once per change of the weight, like the reordered copy), the input
+    asymmetrically per tensor on each call, the product with its bias, activation or residual add
+    written in float32. Anything else (training, other dtypes) runs the float32 layer it still is."""
+
+    dtypes = (torch.float32,)
+
+    def _gemm(self, x: Tensor, algorithm: str, residual: Tensor | None = None) -> Tensor:
+        weight, weight_scales, weight_zero_points = packed_weight(self)
+        with warnings.catch_warnings():  # torch marks quantised tensors deprecated; this one lives for one call
+            warnings.simplefilter("ignore", UserWarning)
+            quantized = torch.quantize_per_tensor_dynamic(x, torch.quint8, False)  # min/max of x -> uint8
+        qx, scale, zero_point = quantized.int_repr(), quantized.q_scale(), quantized.q_zero_point()
+        weight_args = (weight, weight_scales, weight_zero_points)
+        if residual is None:
+            return torch.ops.onednn.qlinear_pointwise(
+                qx, scale, zero_point, *weight_args, self.bias, 1.0, 0, torch.float32, self.post_op, [], algorithm
+            )
+        return torch.ops.onednn.qlinear_pointwise.binary(
+            qx, scale, zero_point, *weight_args, residual, self.bias, 1.0, 0, torch.float32, 1.0, 0, "add", 1.0,
+            "none", [], "",
+        )  # fmt: skip
+
+    def _pack(self, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        scales = (weight.abs().amax(dim=1) / 127).clamp_min(1e-12)  # (out,): int8 in [-127, 127]
+        quantized = torch.round(weight / scales[:, None]).to(torch.int8)  # (out, in)
+        zero_points = torch.zeros_like(scales, dtype=torch.int64)
+        return torch.ops.onednn.qlinear_prepack(quantized, None), scales, zero_points
 
 
 # oneDNN's GEMM reads its weight in a blocked layout of its own, and reorders a plain weight into it on
@@ -86,17 +138,16 @@ class OneDNNLinear(nn.Linear):
 _PACKED_WEIGHTS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Tensor]] = weakref.WeakKeyDictionary()
 
 
-def packed_weight(layer: nn.Linear) -> Tensor:
-    """``layer.weight`` in oneDNN's own layout (an mkldnn tensor, the same values), reordered once per change."""
-    weight = layer.weight
-    if weight.is_inference():  # no version counter to follow: reordered on each call, as oneDNN does
-        return weight
-    key = (weight.data_ptr(), weight._version, weight.dtype)
+def packed_weight(layer: OneDNNLinear) -> Tensor | tuple[Tensor, ...]:
+    """``layer.weight`` as the layer's oneDNN GEMM reads it (``layer._pack``: reordered into oneDNN's own
+    layout, the same values; or quantised to int8 with its scales), made once per change of the weight."""
+    weight = layer.weight.detach()
+    if weight.is_inference() and not isinstance(layer, OneDNNInt8Linear):  # no version counter to follow:
+        return weight  # reordered by oneDNN on each call
+    key = (type(layer), weight.data_ptr(), weight._version if not weight.is_inference() else None, weight.dtype)
     cached = _PACKED_WEIGHTS.get(layer)
     if cached is None or cached[0] != key:
-        if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
-            return weight
-        cached = key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+        cached = key, layer._pack(weight)
         _PACKED_WEIGHTS[layer] = cached
     return cached[1]
 
@@ -118,7 +169,11 @@ def linear_add(layer: nn.Module, x: Tensor, residual: Tensor | None = None, drop
 # Same result; 12% faster at 8 x 384 tokens on an AMD EPYC (32 MiB L3), neutral for a single window.
 FFN_CHUNK_BYTES = 12 << 20
 
-BACKEND_CLASSES: dict[str, type[nn.Linear]] = {"aten": nn.Linear, "onednn": OneDNNLinear}
+BACKEND_CLASSES: dict[str, type[nn.Linear]] = {
+    "aten": nn.Linear,
+    "onednn": OneDNNLinear,
+    "onednn-int8": OneDNNInt8Linear,
+}
 
 
 def set_linear_backend(module: nn.Module, backend: str = "auto", fuse_post_ops: bool = True) -> str:
@@ -135,10 +190,13 @@ def set_linear_backend(module: nn.Module, backend: str = "auto", fuse_post_ops: 
     if backend == "auto":
         dtypes = {layer.weight.dtype for layer in module.modules() if type(layer) in BACKEND_CLASSES.values()}
         backend = fastest_linear_backend(dtypes.pop()) if len(dtypes) == 1 else "aten"
-    if backend not in LINEAR_BACKENDS:
-        raise ValueError(f"unknown linear backend {backend!r}; expected 'auto' or one of {', '.join(LINEAR_BACKENDS)}")
+    if backend not in BACKEND_CLASSES:
+        raise ValueError(f"unknown linear backend {backend!r}; expected 'auto' or one of {', '.join(BACKEND_CLASSES)}")
     if backend == "onednn" and not onednn_available():
         raise ValueError("linear backend 'onednn' needs a PyTorch built with oneDNN (mkldnn)")
+    if backend == "onednn-int8" and not onednn_int8_available():
+        raise ValueError("linear backend 'onednn-int8' needs oneDNN's int8 GEMM and a CPU with AVX512-VNNI or AMX-INT8")
+    onednn = issubclass(BACKEND_CLASSES[backend], OneDNNLinear)
     for block in _feed_forward_blocks(module):  # unfuse first: the activation module back after lin1
         if isinstance(block.lin1, OneDNNLinear) and block.lin1.post_op in POST_OPS:
             block.activation = POST_OPS[block.lin1.post_op][0]()
@@ -148,17 +206,21 @@ def set_linear_backend(module: nn.Module, backend: str = "auto", fuse_post_ops: 
             layer.__class__ = BACKEND_CLASSES[backend]
             layer.__dict__.pop("fuse_residual", None)
             _PACKED_WEIGHTS.pop(layer, None)
-            if backend == "onednn" and not fuse_post_ops:
+            if onednn and not fuse_post_ops:
                 layer.fuse_residual = False
     for block in _feed_forward_blocks(module):
         if hasattr(block, "chunk_tokens"):
             block.chunk_tokens = 0
-    if backend == "onednn" and fuse_post_ops:
+    if onednn and fuse_post_ops:
         for block in _feed_forward_blocks(module):
             if hasattr(block, "chunk_tokens"):  # bound the (tokens, hidden) activations: see FFN_CHUNK_BYTES
                 block.chunk_tokens = FFN_CHUNK_BYTES // (block.lin1.out_features * block.lin1.weight.element_size())
             name = next((n for n, (kind, _, _) in POST_OPS.items() if type(block.activation) is kind), None)
-            if type(block.lin1) is OneDNNLinear and name and getattr(block.activation, "approximate", "none") == "none":
+            if (
+                isinstance(block.lin1, OneDNNLinear)
+                and name
+                and getattr(block.activation, "approximate", "none") == "none"
+            ):
                 block.lin1.post_op, block.activation = name, nn.Identity()
     return backend
 

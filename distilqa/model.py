@@ -268,7 +268,7 @@ class DistilBertForQuestionAnswering(nn.Module):
             block.attention.attention_function = function
 
     def set_linear_backend(self, backend: str = "auto") -> str:
-        """Which GEMM runs every nn.Linear ("aten", "onednn", "auto"; see distilqa.linear); returns it."""
+        """Which GEMM runs every nn.Linear ("aten", "onednn", "onednn-int8", "auto": distilqa.linear); returns it."""
         return linear.set_linear_backend(self, backend)
 
     linear_backend = property(linear.linear_backend, doc="The GEMM backend of the nn.Linear layers, or 'mixed'.")

@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
-from distilqa.linear import quantize_int8
+from distilqa import linear
 from distilqa.model import DistilBertForQuestionAnswering
 from distilqa.options import DEFAULT_OPTIONS, AnswerOptions
 from distilqa.tokenization import QuestionContextTokenizer
@@ -149,8 +149,10 @@ class QuestionAnswerer:
         ``linear_backend`` are set on the model (see DistilBertForQuestionAnswering); their "auto"
         defaults run the attention core and the float32 GEMMs measured faster here. ``compile``
         runs :meth:`DistilBertForQuestionAnswering.compile_blocks` (the first calls are slow while
-        it compiles); ``quantize="int8"`` replaces the linear layers by int8 dynamically quantised
-        ones (CPU, float32; approximate)."""
+        it compiles); ``quantize="int8"`` runs the encoder's linear layers in int8 (CPU, float32;
+        approximate): on oneDNN's int8 GEMM with the post-ops ("onednn-int8", see distilqa.linear)
+        where the GEMM backend is oneDNN and the CPU multiplies int8 natively, else as PyTorch's
+        dynamically quantised linear layers."""
         _check_batch_size(batch_size)
         for name, value in (("packed", packed), ("compile", compile)):
             if not isinstance(value, bool):
@@ -172,7 +174,11 @@ class QuestionAnswerer:
         if quantize == "int8":
             if model.device.type != "cpu" or model.dtype != torch.float32:
                 raise ValueError("quantize='int8' needs a float32 model on the CPU (dtype float32, device cpu)")
-            quantize_int8(model.distilbert.transformer)  # the encoder's layers; the small head stays float32
+            encoder = model.distilbert.transformer  # the encoder's layers; the small head stays float32
+            if linear.linear_backend(encoder) == "onednn" and linear.onednn_int8_available():
+                linear.set_linear_backend(encoder, "onednn-int8")
+            else:
+                linear.quantize_int8(encoder)
         if compile:
             model.compile_blocks()
         return cls(model, loaded.tokenizer, batch_size, packed, max_tokens)
@@ -180,7 +186,8 @@ class QuestionAnswerer:
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write the model (config.json, model.safetensors) and the tokenizer (tokenizer.json,
         tokenizer_config.json) into ``directory``, so that ``from_pretrained(directory)`` answers as
-        this answerer does. An int8-quantised model cannot be saved (its weights are not float)."""
+        this answerer does. PyTorch's dynamically quantised int8 layers cannot be saved (their weights
+        are not float); oneDNN's int8 backend keeps float32 weights and saves them."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory)

@@ -191,7 +191,9 @@ def test_pipeline_small_run(tmp_path):
     payload = json.loads(output.read_text())
     assert_machine(payload["machine"])
     rows = {row["runner"]: row for row in payload["results"]}
-    modes = {f"distilqa {m}" for m in ("fp32", "fp32-aten", "bf16", "bf16-aten", "bf16-fp32-attention", "int8")}
+    modes = {
+        f"distilqa {m}" for m in ("fp32", "fp32-aten", "bf16", "bf16-aten", "bf16-fp32-attention", "int8", "int8-aten")
+    }
     modes.add("distilqa fp32-compiled")
     assert set(rows) == modes | {"onnxruntime", "openvino", "transformers b1", "transformers b8", "transformers b32"}
     assert payload["settings"]["questions"] == 16 and payload["settings"]["windows"] >= 16

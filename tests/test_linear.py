@@ -10,10 +10,13 @@ from torch import nn
 
 from distilqa import DistilBertConfig, DistilBertForQuestionAnswering
 from distilqa import linear as linear_module
-from distilqa.linear import OneDNNLinear, linear_backend, quantize_int8, set_linear_backend
+from distilqa.linear import OneDNNInt8Linear, OneDNNLinear, linear_backend, quantize_int8, set_linear_backend
 from distilqa.testing import perturb_biases_and_norms
 
 needs_onednn = pytest.mark.skipif(not linear_module.onednn_available(), reason="this PyTorch has no oneDNN")
+needs_onednn_int8 = pytest.mark.skipif(
+    not linear_module.onednn_int8_available(), reason="no oneDNN int8 GEMM here, or a CPU without AVX512-VNNI/AMX"
+)
 CONFIG = DistilBertConfig(vocab_size=500, dim=64, n_layers=2, n_heads=4, hidden_dim=128)
 
 
@@ -241,3 +244,42 @@ def test_int8_transforms_the_models_own_linear_layers(model):
     difference = (logits(model, ids) - expected).abs().max().item()
     # Approximate by design: measured 1e-4 at this size (random weights); exact would be 0.
     assert 0 < difference < 2e-3
+
+
+def int8_by_definition(x, weight, bias):
+    """x @ Wᵀ + b with W rounded per output channel to int8 (symmetric) and x per tensor to uint8
+    (asymmetric), dequantised and multiplied in float64: the arithmetic the int8 backend stands for."""
+    scales = weight.abs().amax(dim=1, keepdim=True) / 127
+    weight_q = torch.round(weight / scales) * scales
+    low, high = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+    scale = (high - low) / 255
+    zero_point = round(-low / scale)
+    x_q = (torch.clamp(torch.round(x / scale) + zero_point, 0, 255) - zero_point) * scale
+    return (x_q.double() @ weight_q.double().T + bias.double()).float()
+
+
+@needs_onednn_int8
+def test_int8_backend_is_int8_arithmetic_with_the_post_ops(model):
+    """ "onednn-int8": the same modules, parameters and state dict (float32), int8 products with the
+    GELU and the residual adds fused as on "onednn"; training still runs the float32 layers exactly."""
+    ids = torch.randint(1, 500, (3, 40))
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    expected = logits(model, ids)
+    assert set_linear_backend(model, "onednn-int8") == "onednn-int8" and linear_backend(model) == "onednn-int8"
+    ffns = [block.ffn for block in model.distilbert.transformer.layer]
+    assert all(type(f.lin1) is OneDNNInt8Linear and f.lin1.post_op == "gelu" for f in ffns)
+    assert all(torch.equal(tensor, state[name]) for name, tensor in model.state_dict().items())
+    layer, x, residual = ffns[0].lin2, torch.randn(7, CONFIG.hidden_dim), torch.randn(7, CONFIG.dim)
+    with torch.inference_mode():
+        # measured 2e-6 (rounding ties and float32 accumulation); a wrong scale or zero point is off by far more
+        assert (layer(x) - int8_by_definition(x, layer.weight, layer.bias)).abs().max() <= 1e-4
+        fused = layer(x, residual)
+        assert (fused - int8_by_definition(x, layer.weight, layer.bias) - residual).abs().max() <= 1e-4
+    difference = (logits(model, ids) - expected).abs().max().item()
+    assert 0 < difference < 5e-3  # approximate by design: measured 6e-4 at this size
+    model.train()  # with gradients: the float32 layers, dropout and all, as on "aten"
+    torch.manual_seed(1)
+    training = model(ids).start_logits
+    set_linear_backend(model, "aten")
+    torch.manual_seed(1)
+    assert training.requires_grad and torch.equal(training, model(ids).start_logits)

@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import distilqa.pipeline as pipeline_module
+from distilqa import linear
 from distilqa.pipeline import PairError, QuestionAnswerer
 
 # numpy 2 warns about the transformers pipeline's np.array(torch tensor); not ours to fix.
@@ -599,6 +600,10 @@ def test_from_pretrained_honours_every_argument(tiny_checkpoint):
     assert all(block._compiled_call_impl is not None for block in model.distilbert.transformer.layer)
     quantized = QuestionAnswerer.from_pretrained(tiny_checkpoint, quantize="int8", linear_backend="aten").model
     assert type(quantized.distilbert.transformer.layer[0].ffn.lin1) is torch.ao.nn.quantized.dynamic.Linear
+    if linear.onednn_int8_available():  # on oneDNN: its int8 GEMM, with the post-ops; the span head stays float32
+        quantized = QuestionAnswerer.from_pretrained(tiny_checkpoint, quantize="int8", linear_backend="onednn").model
+        assert linear.linear_backend(quantized.distilbert.transformer) == "onednn-int8"
+        assert type(quantized.qa_outputs) is linear.OneDNNLinear
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ Paths, each against the transformers pipeline in float32 (the answers a user of 
 | padded fp32 (``packed=False``) | 136 (every 4th) | top_k 3, impossible on | all | SCORE_RTOL["float32"] |
 | bfloat16 | 136 (every 4th) | top_k 1 | MIN_IDENTICAL_SHARE | SCORE_RTOL["bfloat16"] |
 | float16 (slow on most CPUs) | 34 (every 16th) | top_k 1 | MIN_IDENTICAL_SHARE | SCORE_RTOL["float16"] |
+| int8 (PyTorch's layers, oneDNN's) | 136 (every 4th) | top_k 1 | MIN_IDENTICAL_SHARE | SCORE_RTOL (per path) |
 | compiled fp32 (``compile=True``) | 48 | top_k 3 | identical to eager fp32 | SCORE_RTOL["compiled"] of eager |
 
 A differing answer counts as explained only when it is a near tie measured in the run at hand: at
@@ -37,10 +38,12 @@ import pytest
 import torch
 from conftest import SQUAD_FILE
 
-from distilqa.linear import onednn_available
+from distilqa import linear
+from distilqa.linear import onednn_available, onednn_int8_available
 from distilqa.pipeline import QuestionAnswerer
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this PyTorch has no oneDNN")
+needs_onednn_int8 = pytest.mark.skipif(not onednn_int8_available(), reason="no oneDNN int8 GEMM here, or no VNNI/AMX")
 
 OPTIONS = [
     dict(top_k=1, handle_impossible_answer=False),
@@ -53,16 +56,18 @@ OPTIONS = [
 # 5.2), 2026-11-30: float32 packed 5.1e-5 (top_k 3; 4.1e-5 top_k 1), padded 5.0e-5; bfloat16 0.29;
 # float16 0.028 (0.057 on twice the pairs); compiled vs eager float32 3.1e-5 to 4.2e-5. The tolerances are
 # 2-3x those.
-SCORE_RTOL = {"float32": 1.5e-4, "bfloat16": 0.6, "float16": 0.08, "compiled": 1.5e-4}
+SCORE_RTOL = {"float32": 1.5e-4, "bfloat16": 0.6, "float16": 0.08, "compiled": 1.5e-4, "int8": 3.0, "int8-onednn": 0.8}
 # Largest relative gap between the two answers of a rank where the lists differ that still counts as
 # a near tie: the same scale as each path's own score error above.
-NEAR_TIE = {"float32": 1.5e-4, "bfloat16": 0.6, "float16": 0.08}
+NEAR_TIE = {"float32": 1.5e-4, "bfloat16": 0.6, "float16": 0.08, "int8": 1.0, "int8-onednn": 1.0}
 # The full sample, packed fp32 (measured: 544/544 for each of the 4 option combinations).
 MIN_IDENTICAL = {(o["top_k"], o["handle_impossible_answer"]): 544 for o in OPTIONS}
 # Half precision against the fp32 reference, top_k 1. Measured: bfloat16 124/136 (the 12 others near
 # ties, relative gaps 0 to 0.27; max relative score difference 0.44), float16 34/34, on the checkpoint
-# with perturbed biases and LayerNorms (133/136 before, with zero biases).
-MIN_IDENTICAL_SHARE = {"bfloat16": 0.88, "float16": 0.97}
+# with perturbed biases and LayerNorms (133/136 before, with zero biases). int8, top_k 1, 2026-12-02:
+# PyTorch's dynamic layers ("int8") 115/136, max relative score difference 1.84; oneDNN's int8 GEMM with
+# per-channel weights ("int8-onednn") 127/136, 0.40; the near ties' relative gaps up to 0.69.
+MIN_IDENTICAL_SHARE = {"bfloat16": 0.88, "float16": 0.97, "int8": 0.8, "int8-onednn": 0.9}
 
 
 def option_id(options: dict) -> str:
@@ -280,6 +285,23 @@ def test_half_precision(sample, peaked_checkpoint, reference, dtype, linear_back
     assert not unexplained, "\n".join(unexplained)
     assert worst <= SCORE_RTOL[dtype]
     assert identical >= MIN_IDENTICAL_SHARE[dtype] * len(pairs), identical
+
+
+@pytest.mark.parametrize("linear_backend", ["aten", pytest.param("onednn", marks=needs_onednn_int8)])
+def test_int8(sample, peaked_checkpoint, reference, linear_backend):
+    """int8 encoder layers: PyTorch's dynamically quantised ones ("aten"), or oneDNN's int8 GEMM with its
+    post-ops ("onednn"): approximate, held to measured bounds like half precision."""
+    int8 = QuestionAnswerer.from_pretrained(
+        peaked_checkpoint, batch_size=16, quantize="int8", linear_backend=linear_backend
+    )
+    pairs, options = sample[::4], dict(top_k=1)
+    path = "int8-onednn" if linear_backend == "onednn" else "int8"
+    kind = linear.OneDNNInt8Linear if path == "int8-onednn" else torch.ao.nn.quantized.dynamic.Linear
+    assert type(int8.model.distilbert.transformer.layer[0].ffn.lin1) is kind
+    identical, worst, unexplained = run_both(int8, reference, pairs, options, path)
+    assert not unexplained, "\n".join(unexplained)
+    assert worst <= SCORE_RTOL[path]
+    assert identical >= MIN_IDENTICAL_SHARE[path] * len(pairs), identical
 
 
 def test_compiled_matches_eager(sample, peaked_checkpoint, ours):
