@@ -250,7 +250,7 @@ def figure(path: Path, panels: Sequence[dict[str, Any]], title: str, payload: di
     m = payload["machine"]
     source = f"{m['device_name']}, {m['torch_threads']} thread(s), torch {m['torch']}, {m['date'][:10]}"
     fig.suptitle(f"{title}\n{source}", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1 - 2.2 / width if grouped else 1, 1 - 0.6 / (height * rows + 0.8)))  # room: title
+    fig.tight_layout(rect=(0, 0, 1 - 2.2 / width if grouped else 1, 1 - 0.3 / (height * rows + 0.8)))  # room: title
     return save_figure(fig, path, dpi=110)
 
 
