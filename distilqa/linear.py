@@ -135,7 +135,7 @@ class OneDNNInt8Linear(OneDNNLinear):
 # changes as PyTorch sees it: a new tensor, new storage, or an in-place change counted in its _version
 # (load_state_dict, optimizer steps, edits under torch.no_grad()). Writes through ``weight.data``
 # bypass that count: call set_linear_backend again after them. Same values, so same results bit for bit.
-_PACKED_WEIGHTS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Tensor]] = weakref.WeakKeyDictionary()
+_PACKED_WEIGHTS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, object]] = weakref.WeakKeyDictionary()
 
 
 def packed_weight(layer: OneDNNLinear) -> Tensor | tuple[Tensor, ...]:
