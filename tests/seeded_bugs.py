@@ -125,15 +125,15 @@ BUGS = [
     Bug(
         "linear: oneDNN path drops the bias",
         "distilqa/linear.py",
-        'x, self.weight, self.bias, self.post_op, [], fused[1] if fused else ""',
-        'x, self.weight, None, self.post_op, [], fused[1] if fused else ""',
+        "_linear_pointwise(x, packed_weight(self), self.bias, self.post_op, [], algorithm)",
+        "_linear_pointwise(x, packed_weight(self), None, self.post_op, [], algorithm)",
         ("tests/test_linear.py",),
     ),
     Bug(
         "linear: the residual add's GEMM drops the bias",
         "distilqa/linear.py",
-        'binary(x, residual, self.weight, self.bias, "add")',
-        'binary(x, residual, self.weight, None, "add")',
+        'binary(x, residual, packed_weight(self), self.bias, "add")',
+        'binary(x, residual, packed_weight(self), None, "add")',
         ("tests/test_linear.py",),
     ),
     Bug(
