@@ -271,12 +271,12 @@ def test_int8_backend_is_int8_arithmetic_with_the_post_ops(model):
     assert all(torch.equal(tensor, state[name]) for name, tensor in model.state_dict().items())
     layer, x, residual = ffns[0].lin2, torch.randn(7, CONFIG.hidden_dim), torch.randn(7, CONFIG.dim)
     with torch.inference_mode():
-        # measured 2e-6 (rounding ties and float32 accumulation); a wrong scale or zero point is off by far more
+        # measured 6e-8 and 2.4e-7 (float32 accumulation); a wrong scale or zero point is off by far more
         assert (layer(x) - int8_by_definition(x, layer.weight, layer.bias)).abs().max() <= 1e-4
         fused = layer(x, residual)
         assert (fused - int8_by_definition(x, layer.weight, layer.bias) - residual).abs().max() <= 1e-4
     difference = (logits(model, ids) - expected).abs().max().item()
-    assert 0 < difference < 5e-3  # approximate by design: measured 6e-4 at this size
+    assert 0 < difference < 5e-3  # approximate by design: measured 3.7e-3 at this size
     model.train()  # with gradients: the float32 layers, dropout and all, as on "aten"
     torch.manual_seed(1)
     training = model(ids).start_logits
