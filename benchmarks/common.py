@@ -21,7 +21,7 @@ from torch import Tensor
 
 from distilqa import files
 from distilqa.config import DistilBertConfig
-from distilqa.hardware import cpu_info, has_native_bfloat16
+from distilqa.hardware import cpu_info, has_native_bfloat16, keep_freed_memory
 from distilqa.linear import onednn_available
 from distilqa.plotting import require_matplotlib, save_figure
 
@@ -97,6 +97,8 @@ def main(name: str, doc: str, options: Callable, run: Callable, table: Callable,
     if args.repeats < 1 or args.warmup < 0:
         raise SystemExit("--repeats must be >= 1 and --warmup >= 0")
     machine = machine_info(device)
+    # every library in the process then runs as distilqa's QuestionAnswerer runs on the CPU
+    machine["glibc_keeps_freed_memory"] = device.type == "cpu" and keep_freed_memory()
     payload = {"benchmark": name, "machine": machine, **run(args, device, dtype_names)}
     machine["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     output = args.output or RESULTS / f"{name}{'-small' if args.small else ''}-{device.type}.json"

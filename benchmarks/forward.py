@@ -4,6 +4,7 @@ library, the faster being the practical limit. Logits are compared with transfor
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import operator
 import sys
@@ -147,32 +148,57 @@ def run_case(payload: dict, config: DistilBertConfig, models: dict, device: torc
             "max_abs_logit_diff": (logits[name] - logits["transformers-eager"]).abs().max().item()})  # fmt: skip
     if args.profile and device.type == "cpu":
         for name in (n for n in calls if n.endswith(("sdpa", "onednn", "auto", "unfused", "attn"))):
-            payload["profiles"].append({**case, "variant": name, **profile(calls[name])})
+            payload["profiles"].append({**case, "variant": name, **profile(calls[name], models[name])})
 
 
-# Which operators count as what in a profile (self CPU time: wall time on the calling thread).
+# Which operators count as what in a profile (self CPU time: wall time on the calling thread). Everything
+# run inside an attention core (ATTENTION_SCOPES: the oneDNN core's own GEMMs, sdpa's copies) is attention.
 PROFILE_CATEGORIES = {
-    "gemm": ("aten::addmm", "aten::mm", "quantized::linear_dynamic", "mkldnn::_linear_pointwise"),
+    "gemm": ("aten::addmm", "aten::mm", "quantized::linear_dynamic", "mkldnn::_linear_pointwise",
+             "onednn::qlinear_pointwise"),
     "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::bmm", "aten::_softmax",
                   "aten::masked_fill", "aten::baddbmm"),
     "LayerNorm": ("aten::native_layer_norm",),
     "GELU": ("aten::gelu",),
     "adds": ("aten::add", "aten::add_"),
     "copies": ("aten::copy_", "aten::clone", "aten::contiguous"),
+    "int8 inputs": ("aten::quantize_per_tensor_dynamic", "aten::int_repr", "aten::aminmax", "aten::min", "aten::max"),
 }  # fmt: skip
+ATTENTION_SCOPES = ("distilqa attention core", "aten::scaled_dot_product_attention")
 
 
-def profile(call: Callable[[], object], repeats: int = 2) -> dict[str, Any]:
+def profile(call: Callable[[], object], model: torch.nn.Module, repeats: int = 2) -> dict[str, Any]:
     """Where one forward's time goes: torch.profiler self time, grouped by PROFILE_CATEGORIES."""
-    with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
-        for _ in range(repeats):
-            call()
-    events = [(e.key, e.self_cpu_time_total / 1000 / repeats) for e in profiler.key_averages()]
-    total = sum(ms for _, ms in events)
+    cores = {m: m.attention_function for m in model.modules() if hasattr(m, "attention_function")}
+    for module, core in cores.items():  # each distilqa core call inside a labelled range
+        module.attention_function = functools.wraps(core)(lambda *a, core=core: labelled(core, *a))
+    try:
+        with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
+            for _ in range(repeats):
+                call()
+    finally:
+        for module, core in cores.items():
+            module.attention_function = core
     shares = dict.fromkeys([*PROFILE_CATEGORIES, "other"], 0.0)
-    for key, ms in events:
-        shares[next((c for c, ops in PROFILE_CATEGORIES.items() if key in ops), "other")] += ms / total
-    return {"profiled_ms_per_forward": total, "shares": shares}
+    for event in p.events():
+        shares[category(event)] += event.self_cpu_time_total
+    total = sum(shares.values())
+    return {"profiled_ms_per_forward": total / 1000 / repeats, "shares": {c: t / total for c, t in shares.items()}}
+
+
+def category(event: Any) -> str:
+    """A profiler event's key of PROFILE_CATEGORIES, "attention" for anything inside an attention core."""
+    scope = event
+    while scope is not None:
+        if scope.name in ATTENTION_SCOPES:
+            return "attention"
+        scope = scope.cpu_parent
+    return next((c for c, ops in PROFILE_CATEGORIES.items() if event.name in ops), "other")
+
+
+def labelled(core: Callable, *args: Any) -> Any:
+    with torch.profiler.record_function(ATTENTION_SCOPES[0]):
+        return core(*args)
 
 
 def table(payload: dict[str, Any]) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -29,6 +28,8 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from distilqa.hardware import median_seconds
 
 
 @dataclass(frozen=True, eq=False)
@@ -259,10 +260,11 @@ def fastest_cpu_attention(
     repeat: int = 5,
 ) -> str:
     """The fastest core of :data:`AUTO_CANDIDATES` for attention over ``batch`` sequences of ``seq`` tokens
-    in ``dtype``: the median of ``repeat`` calls each (a few ms to a few hundred, once per process and
-    arguments). Which one wins depends on the shape: on an AMD EPYC in float32, sdpa for a 160-token window,
-    oneDNN for 384 tokens; in bfloat16 the written-out core for a window, oneDNN for 8 x 384. Another core
-    only when clearly faster than sdpa (a tie keeps sdpa), and sdpa for dtypes other than fp32 and bf16."""
+    in ``dtype``: the median of ``repeat`` calls each, the cores taking turns (a few ms to a few hundred,
+    once per process and arguments). Which one wins depends on the shape: on an AMD EPYC in float32, sdpa
+    for a 160-token window, oneDNN for 8 x 384; in bfloat16 the written-out core for a window, oneDNN for
+    8 x 384. Another core only when its median is more than 5% below sdpa's (a tie keeps sdpa), and sdpa
+    for dtypes other than fp32 and bf16."""
     if dtype not in (torch.float32, torch.bfloat16):
         return "sdpa"
     names = [n for n in AUTO_CANDIDATES if n in ATTENTION_IMPLEMENTATIONS]
@@ -272,17 +274,12 @@ def fastest_cpu_attention(
     q, k, v = (
         torch.randn(batch, seq, heads, head_dim, generator=generator).to(dtype).transpose(1, 2) for _ in range(3)
     )
-    seconds = {}
     with torch.inference_mode():
-        for name in names:
-            times = []
-            for _ in range(repeat + 1):  # the first call sets up and is not counted
-                began = time.perf_counter()
-                ATTENTION_IMPLEMENTATIONS[name](q, k, v, None)
-                times.append(time.perf_counter() - began)
-            seconds[name] = sorted(times[1:])[repeat // 2]
+        seconds = median_seconds(
+            {name: functools.partial(ATTENTION_IMPLEMENTATIONS[name], q, k, v, None) for name in names}, repeat
+        )
     fastest = min(names, key=seconds.get)
-    return fastest if seconds[fastest] < 0.9 * seconds["sdpa"] else "sdpa"
+    return fastest if seconds[fastest] < 0.95 * seconds["sdpa"] else "sdpa"
 
 
 # The cores by name. "eager", the written-out core, lives with the model (distilqa.model.eager_attention),

@@ -304,7 +304,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--attn-implementation",
         choices=("auto", "eager", "sdpa", "onednn", "triton"),
         default="auto",
-        help="attention core (default auto: on the CPU the faster of sdpa and onednn, measured once; else sdpa)",
+        help="attention core (default auto: on the CPU the fastest core measured per dtype and shape; else sdpa)",
     )
     parser.add_argument(
         "--linear-backend",

@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
-from distilqa import linear
+from distilqa import hardware, linear
 from distilqa.model import DistilBertForQuestionAnswering
 from distilqa.options import DEFAULT_OPTIONS, AnswerOptions
 from distilqa.tokenization import QuestionContextTokenizer
@@ -46,8 +46,8 @@ from distilqa.weights import DEFAULT_REPO_ID, load_checkpoint
 
 EXCLUDED_LOGIT = -10000.0  # the reference's value for tokens that cannot be in an answer
 # Tokens per forward pass on the CPU: large enough for full-speed GEMMs, small enough that the largest
-# activation (tokens x hidden_dim floats, 24 MiB) stays under glibc's 32 MiB mmap threshold, so its
-# memory is reused from one pass to the next instead of being mapped and zeroed anew each time.
+# activation (tokens x hidden_dim floats, 24 MiB) stays under the 32 MiB mmap threshold that
+# hardware.keep_freed_memory sets, so its memory is reused from one pass to the next.
 # Accelerators have no such cap by default (batch_size alone bounds a pass there).
 CPU_MAX_TOKENS = 2048
 PAIRS_PER_CHUNK = 256  # pairs tokenized and decoded together: bounds memory, paces the progress bar
@@ -115,8 +115,10 @@ class QuestionAnswerer:
         most ``batch_size`` windows and at most ``max_tokens`` tokens (padding included), or one
         window when a single window is longer; by default 2048 tokens on the CPU and no cap elsewhere."""
         _check_batch_size(batch_size)
+        on_cpu = model.device.type == "cpu"
+        if on_cpu:
+            hardware.keep_freed_memory()  # each pass reuses the memory the last one freed
         if max_tokens is None:
-            on_cpu = model.device.type == "cpu"
             max_tokens = CPU_MAX_TOKENS if on_cpu else batch_size * model.config.max_position_embeddings
         _check_batch_size(max_tokens, "max_tokens")
         self.model = model.eval()

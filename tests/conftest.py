@@ -131,7 +131,7 @@ def auto_linear_backend_is_aten():
     from distilqa import attention, linear
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(linear, "gemm_throughput", lambda backend, *args, **kwargs: 1.0)
+        patch.setattr(linear, "gemm_throughput", lambda *args, **kwargs: dict.fromkeys(linear.LINEAR_BACKENDS, 1.0))
         patch.setattr(attention, "fastest_cpu_attention", lambda *args, **kwargs: "sdpa")
         linear.fastest_linear_backend.cache_clear()
         yield

@@ -204,6 +204,16 @@ def test_invalid_options_raise_value_error(tiny, options, message):
         tiny("Who?", "Bob is here.", **options)
 
 
+def test_the_answerer_keeps_freed_memory_on_the_cpu(monkeypatch, tiny):
+    """Each forward pass reuses the memory the last one freed (hardware.keep_freed_memory, process-wide)."""
+    from distilqa import hardware
+
+    calls = []
+    monkeypatch.setattr(hardware, "keep_freed_memory", lambda: calls.append(True) or True)
+    QuestionAnswerer(tiny.model, tiny.tokenizer)
+    assert calls == [True]
+
+
 def test_batch_size_must_be_positive(tiny):
     for bad in (0, -1, 2.5, None):
         with pytest.raises(ValueError, match="batch_size"):
