@@ -110,7 +110,12 @@ class OneDNNInt8Linear(OneDNNLinear):
         with warnings.catch_warnings():  # torch marks quantised tensors deprecated; this one lives for one call
             warnings.simplefilter("ignore", UserWarning)
             quantized = torch.quantize_per_tensor_dynamic(x, torch.quint8, False)  # min/max of x -> uint8
-        qx, scale, zero_point = quantized.int_repr(), quantized.q_scale(), quantized.q_zero_point()
+        # its bytes as a plain uint8 tensor, shared rather than copied (int_repr() copies: a third of the time
+        # spent quantising)
+        qx = x.new_empty(0, dtype=torch.uint8).set_(
+            quantized.untyped_storage(), quantized.storage_offset(), quantized.size(), quantized.stride()
+        )
+        scale, zero_point = quantized.q_scale(), quantized.q_zero_point()
         weight_args = (weight, weight_scales, weight_zero_points)
         if residual is None:
             return torch.ops.onednn.qlinear_pointwise(
