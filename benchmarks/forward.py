@@ -162,7 +162,7 @@ PROFILE_CATEGORIES = {
     "GELU": ("aten::gelu",),
     "adds": ("aten::add", "aten::add_"),
     "copies": ("aten::copy_", "aten::clone", "aten::contiguous"),
-    "int8 inputs": ("aten::quantize_per_tensor_dynamic", "aten::int_repr", "aten::aminmax", "aten::min", "aten::max"),
+    "int8 inputs": ("aten::quantize_per_tensor_dynamic", "aten::min", "aten::max"),  # the input's range, then uint8
 }  # fmt: skip
 ATTENTION_SCOPES = ("distilqa attention core", "aten::scaled_dot_product_attention")
 

@@ -76,8 +76,8 @@ KEEP_TRIM_THRESHOLD = 1 << 30  # up to 1 GiB free at the heap's top stays with t
 @functools.cache
 def keep_freed_memory() -> bool:
     """Make glibc keep the memory a forward pass frees for the next one, instead of handing it back to the
-    operating system to be mapped and zeroed again (``mallopt``; what jemalloc or tcmalloc preloaded would
-    do). Process-wide and for the rest of the process: its memory stays near its peak. The
+    operating system to be mapped and zeroed again (``mallopt``; the reuse that CPU tuning guides seek by
+    preloading jemalloc or tcmalloc). Process-wide and for the rest of the process: its memory stays near its peak. The
     ``QuestionAnswerer`` calls it on the CPU. Left alone where the C library is not glibc, or where glibc's
     own settings are in the environment (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``,
     ``glibc.malloc`` tunables): the user's choice stands. Returns whether it applied."""
