@@ -68,7 +68,7 @@ def median_seconds(functions: dict[str, Callable[[], object]], rounds: int = 5) 
 # freed) back to the operating system, and trims the top of its heap beyond the trim threshold; the next
 # forward pass then maps that memory anew and the kernel zeroes it page by page. Measured on an AMD EPYC
 # (Zen 5): about 25,000 page faults per float32 forward at 8 x 384 and 14,000 per packed row of 2,000
-# tokens, against under 2,000 with the memory kept; 3-7% of the time of a forward.
+# tokens, against under 2,000 with the memory kept; 2-7% of the time of a forward.
 KEEP_MMAP_THRESHOLD = 32 << 20  # glibc's largest: blocks up to 32 MiB come from the heap and go back to it
 KEEP_TRIM_THRESHOLD = 1 << 30  # up to 1 GiB free at the heap's top stays with the process
 
@@ -83,8 +83,8 @@ def keep_freed_memory() -> bool:
     ``glibc.malloc`` tunables): the user's choice stands. Returns whether it applied."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
-    environment = os.environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc." in environment or {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ):
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc." in tunables or {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ):
         return False
     libc = ctypes.CDLL(None)
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>

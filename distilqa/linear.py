@@ -64,6 +64,8 @@ class OneDNNLinear(nn.Linear):
 
     post_op = "none"  # or a key of POST_OPS, set by set_linear_backend on a layer whose activation it took
     fuse_residual = True  # linear_add passes the residual in (False: set_linear_backend(fuse_post_ops=False))
+    dtypes = (torch.float32, torch.bfloat16)  # what runs on oneDNN; anything else runs F.linear
+    packs_inference_weights = False  # an inference tensor has no version to follow: oneDNN reorders it per call
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """x (..., in) -> (..., out); residual (..., out), added to the output when given."""
@@ -84,8 +86,6 @@ class OneDNNLinear(nn.Linear):
     def _pack(self, weight: Tensor) -> Tensor:  # see packed_weight
         return torch.ops.mkldnn._reorder_linear_weight(weight, None)
 
-    dtypes = (torch.float32, torch.bfloat16)
-
     def _runs_onednn(self, x: Tensor) -> bool:
         return (
             x.device.type == "cpu"
@@ -104,6 +104,7 @@ class OneDNNInt8Linear(OneDNNLinear):
     written in float32. Anything else (training, other dtypes) runs the float32 layer it still is."""
 
     dtypes = (torch.float32,)
+    packs_inference_weights = True  # the int8 GEMM reads only quantised, prepacked weights
 
     def _gemm(self, x: Tensor, algorithm: str, residual: Tensor | None = None) -> Tensor:
         weight, weight_scales, weight_zero_points = packed_weight(self)
@@ -146,8 +147,8 @@ def packed_weight(layer: OneDNNLinear) -> Tensor | tuple[Tensor, ...]:
     """``layer.weight`` as the layer's oneDNN GEMM reads it (``layer._pack``: reordered into oneDNN's own
     layout, the same values; or quantised to int8 with its scales), made once per change of the weight."""
     weight = layer.weight.detach()
-    if weight.is_inference() and not isinstance(layer, OneDNNInt8Linear):  # no version counter to follow:
-        return weight  # reordered by oneDNN on each call
+    if weight.is_inference() and not layer.packs_inference_weights:
+        return weight
     key = (type(layer), weight.data_ptr(), weight._version if not weight.is_inference() else None, weight.dtype)
     cached = _PACKED_WEIGHTS.get(layer)
     if cached is None or cached[0] != key:
@@ -201,10 +202,12 @@ def set_linear_backend(module: nn.Module, backend: str = "auto", fuse_post_ops: 
     if backend == "onednn-int8" and not onednn_int8_available():
         raise ValueError("linear backend 'onednn-int8' needs oneDNN's int8 GEMM and a CPU with AVX512-VNNI or AMX-INT8")
     onednn = issubclass(BACKEND_CLASSES[backend], OneDNNLinear)
-    for block in _feed_forward_blocks(module):  # unfuse first: the activation module back after lin1
+    for block in _feed_forward_blocks(module):  # undo first: the activation module back after lin1, unchunked
         if isinstance(block.lin1, OneDNNLinear) and block.lin1.post_op in POST_OPS:
             block.activation = POST_OPS[block.lin1.post_op][0]()
             del block.lin1.post_op
+        if hasattr(block, "chunk_tokens"):
+            block.chunk_tokens = 0
     for layer in module.modules():
         if type(layer) in BACKEND_CLASSES.values():  # exact types: never touch a quantised or custom linear
             layer.__class__ = BACKEND_CLASSES[backend]
@@ -212,9 +215,6 @@ def set_linear_backend(module: nn.Module, backend: str = "auto", fuse_post_ops: 
             _PACKED_WEIGHTS.pop(layer, None)
             if onednn and not fuse_post_ops:
                 layer.fuse_residual = False
-    for block in _feed_forward_blocks(module):
-        if hasattr(block, "chunk_tokens"):
-            block.chunk_tokens = 0
     if onednn and fuse_post_ops:
         for block in _feed_forward_blocks(module):
             if hasattr(block, "chunk_tokens"):  # bound the (tokens, hidden) activations: see FFN_CHUNK_BYTES
